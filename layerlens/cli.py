@@ -1,0 +1,126 @@
+"""`layerlens` command line: thin subcommands over the library, one clear sentence on user errors."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+from . import __version__
+from .errors import LayerLensError
+
+# Each module in layerlens/commands exposes register(subparsers); its parser sets func=run(args) -> int.
+COMMANDS = ("analyze",)  # + "prune", "evaluate", "sweep" as they land
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="default",
+                   help="local folder, hub id (org/name), or 'default' (bundled SmolLM2-135M)")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument("--device-map", default=None, help="'auto' to spread a large model over devices")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model repository's own code (only for authors you trust)")
+
+
+def add_data_args(p: argparse.ArgumentParser, *, samples: int = 64, seq_len: int = 256) -> None:
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--data", default="default",
+                   help="'default' (bundled Shakespeare), 'prose', a .txt/.jsonl/.json/.csv/.parquet file, "
+                        "or a hub dataset name[:config][:split]")
+    g.add_argument("--text-field", default="text", help="field/column holding the text")
+    g.add_argument("--samples", type=int, default=samples, help="number of calibration texts")
+    g.add_argument("--seq-len", type=int, default=seq_len, help="tokens per text (longer texts truncated)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--cka", dest="cka_estimator", default="minibatch", choices=["minibatch", "exact"],
+                   help="CKA estimator: unbiased minibatch HSIC (default) or exact feature-space")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def add_runs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default=None, help="where every result is persisted (default ./runs)")
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    from .loading import load_model
+
+    return load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+                      device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+
+
+def cli_progress(desc: str):
+    """A tqdm-backed progress callback (done, total, message) for long work; silent when not a TTY."""
+    from tqdm.auto import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
+        b = bar["bar"]
+        b.total = total
+        b.n = done
+        b.set_postfix_str(message, refresh=False)
+        b.refresh()
+        if done >= total:
+            b.close()
+
+    return progress
+
+
+def capture_config_from_args(args: argparse.Namespace):
+    from .metrics import CaptureConfig
+
+    return CaptureConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                         cka_estimator=args.cka_estimator, seed=args.seed)
+
+
+def analyze_from_args(args: argparse.Namespace, loaded: Any):
+    """Run the analysis described by the data args on a loaded model (used by analyze, prune, sweep)."""
+    from .data import load_texts
+    from .metrics import analyze
+
+    texts = load_texts(args.data, role="calibration", field=args.text_field)
+    meta = dict(model=loaded.info.model, revision=loaded.info.revision, model_type=loaded.info.model_type,
+                dtype=loaded.info.dtype, device=loaded.info.device)
+    return analyze(loaded.model, loaded.tokenizer, texts, capture_config_from_args(args),
+                   progress=cli_progress("analyze"), meta=meta)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerlens", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"layerlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"layerlens.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LayerLensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished results were kept; re-run the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

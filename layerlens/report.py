@@ -1,0 +1,85 @@
+"""`LayerReport`: every per-layer redundancy metric from one analysis, with provenance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Matrix = tuple[tuple[float, ...], ...]
+
+
+def _matrix(a: Any) -> Matrix:
+    return tuple(tuple(float(x) for x in row) for row in a)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Redundancy metrics over residual states h_0..h_L (h_0 = input of layer 0, h_{i+1} = output of layer i).
+
+    Indices are 0-based: ``bi[i]`` and ``magnitude[i]`` describe decoder layer i; ``cosine`` and
+    ``cka`` are (L+1)x(L+1) over states; ``block_distance[n-1][i]`` is the angular distance between
+    h_i and h_{i+n} (the block of n layers starting at layer i).
+    """
+
+    num_layers: int
+    bi: tuple[float, ...]
+    cosine: Matrix
+    cka: Matrix
+    cka_estimator: str
+    block_distance: tuple[tuple[float, ...], ...]
+    magnitude: tuple[float, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.num_layers
+        if len(self.bi) != n or len(self.magnitude) != n:
+            raise ValueError("bi and magnitude need one value per layer")
+        if len(self.cosine) != n + 1 or len(self.cka) != n + 1:
+            raise ValueError("cosine and cka are (L+1)x(L+1)")
+
+    # numpy views for algorithms and plots
+    def array(self, name: str) -> np.ndarray:
+        if name == "block_distance":
+            out = np.full((self.num_layers, self.num_layers), np.nan)
+            for n_minus_1, row in enumerate(self.block_distance):
+                out[n_minus_1, : len(row)] = row
+            return out
+        return np.asarray(getattr(self, name), dtype=float)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("bi", "magnitude"):
+            d[key] = list(d[key])
+        for key in ("cosine", "cka", "block_distance"):
+            d[key] = [list(r) for r in d[key]]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerReport:
+        return cls(num_layers=int(d["num_layers"]), bi=tuple(float(x) for x in d["bi"]),
+                   cosine=_matrix(d["cosine"]), cka=_matrix(d["cka"]), cka_estimator=d["cka_estimator"],
+                   block_distance=tuple(tuple(float(x) for x in r) for r in d["block_distance"]),
+                   magnitude=tuple(float(x) for x in d["magnitude"]), meta=dict(d.get("meta", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerReport:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def save(self, path: str | Path) -> Path:
+        from .runs import atomic_write_text
+
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "report.json"
+        atomic_write_text(path, self.to_json())
+        return path

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import ARCHITECTURES, build_tiny_model, train_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, tokenizer_dir):
+    """``factory(arch, num_layers=6, seed=0) -> Path`` of a saved tiny model (built once per key)."""
+    built: dict[tuple, Path] = {}
+
+    def factory(arch: str = "llama", num_layers: int = 6, seed: int = 0) -> Path:
+        key = (arch, num_layers, seed)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"{arch}-{num_layers}-{seed}")
+            built[key] = build_tiny_model(arch, out, tokenizer_dir, seed=seed, num_layers=num_layers)
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> Path:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_arch(request, tiny_model_factory) -> tuple[str, Path]:
+    return request.param, tiny_model_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    from tiny_models import training_text
+
+    paras = [p.strip() for p in training_text().split("\n\n") if len(p.strip()) > 80]
+    return paras[:40]
