@@ -86,6 +86,8 @@ def build_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 
         for name, p in model.named_parameters():
             if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
                 p.mul_(4.0)
+            elif p.dim() == 1 and "weight" in name:  # norms: non-uniform gains, so a norm changes cosines
+                p.add_(0.5 * torch.randn_like(p))
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
