@@ -35,6 +35,11 @@ class LayerReport:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Normalise to tuples of floats, so equality and hashing hold however the report was built.
+        object.__setattr__(self, "bi", tuple(float(x) for x in self.bi))
+        object.__setattr__(self, "magnitude", tuple(float(x) for x in self.magnitude))
+        for name in ("cosine", "cka", "block_distance"):
+            object.__setattr__(self, name, _matrix(getattr(self, name)))
         n = self.num_layers
         if len(self.bi) != n or len(self.magnitude) != n:
             raise ValueError("bi and magnitude need one value per layer")
