@@ -126,8 +126,36 @@ def available_bytes(device: str) -> int | None:
     return None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an offline user gets an answer in seconds, not minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_locally(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # noqa: BLE001 - any cache-lookup failure just means "not cached"
+        return False
+
+
 def _load_config(source: Path | str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoConfig
+
+    if isinstance(source, str) and not _cached_locally(source, revision) and not hub_reachable():
+        raise LayerLensError(f"Could not load model '{source}': the Hugging Face Hub cannot be reached from "
+                             "here (offline?); download the model elsewhere and pass its local folder instead.")
 
     try:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
