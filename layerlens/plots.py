@@ -47,6 +47,198 @@ def strategy_color(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Per-layer bars: Block Influence, Relative Magnitude, block distance
+# ----------------------------------------------------------------------------------------------------------
+
+BAR_METRICS = {
+    "bi": ("Block Influence (BI) per layer", "Block Influence = 1 − cos(h_i, h_i+1) (unitless)"),
+    "magnitude": ("Relative Magnitude per layer", "Relative Magnitude = ‖h_i+1 − h_i‖ / ‖h_i+1‖ (unitless)"),
+    "block_distance": ("Angular distance across a block of {n} layer(s)",
+                       "Angular distance arccos(cos(h_i, h_i+n)) / π (0–1)"),
+}
+
+
+def bar_values(report: Any, metric: str = "bi", block_size: int = 1) -> list[float]:
+    """The values :func:`bi_bar` draws: one per layer (bi, magnitude) or per block start (block_distance)."""
+    if metric == "bi":
+        return [float(x) for x in report.bi]
+    if metric == "magnitude":
+        return [float(x) for x in report.magnitude]
+    if metric == "block_distance":
+        n = int(block_size)
+        if not 1 <= n <= report.num_layers:
+            raise ValueError(f"block_size must be between 1 and {report.num_layers}, got {block_size}")
+        return [float(x) for x in report.block_distance[n - 1]]
+    raise ValueError(f"metric must be one of {', '.join(BAR_METRICS)}, got {metric!r}")
+
+
+def bi_bar(report: Any, metric: str = "bi", block_size: int = 1, highlight: Any = (),
+           title: str | None = None) -> go.Figure:
+    """Bar per decoder layer (0-based): BI, Relative Magnitude, or block distance for ``block_size`` layers.
+
+    Low bars are the redundant layers. ``highlight``: layer indices drawn in red (e.g. the current plan's
+    removed layers); for block distance a bar (block start i) is red when its block touches one. The bars
+    carry the layer index in ``customdata`` so a box/lasso selection maps back to layers.
+    """
+    values = bar_values(report, metric, block_size)
+    n = int(block_size) if metric == "block_distance" else 1
+    marked = {int(i) for i in highlight}
+    starts = list(range(len(values)))
+    is_marked = [any(j in marked for j in range(i, i + n)) for i in starts]
+    colors = [STATUS_COLORS["removed"] if m else STATUS_COLORS["kept"] for m in is_marked]
+    labels = [f"layer {i}" if n == 1 else f"layers {i}–{i + n - 1}" for i in starts]
+    lowest = sorted(starts, key=lambda i: (values[i], i))
+    rank = {i: r + 1 for r, i in enumerate(lowest)}
+    fig = go.Figure(go.Bar(
+        x=starts, y=values, marker_color=colors, customdata=np.array([[i, rank[i]] for i in starts]),
+        text=None, name=metric,
+        hovertext=[f"{lab}{' (selected)' if m else ''}" for lab, m in zip(labels, is_marked, strict=True)],
+        hovertemplate="<b>%{hovertext}</b><br>value %{y:.5f}<br>rank %{customdata[1]} (1 = most redundant)"
+                      "<extra></extra>",
+    ))
+    head, ytitle = BAR_METRICS[metric]
+    fig.update_layout(
+        title=title or head.format(n=n) + " — low = redundant",
+        xaxis_title="Decoder layer index (0-based)" if n == 1 else f"First layer of the {n}-layer block (0-based)",
+        yaxis_title=ytitle, showlegend=False, bargap=0.15, dragmode="select", **_LAYOUT,
+    )
+    fig.update_xaxes(tickmode="linear", tick0=0, dtick=_tick_step(len(values)), range=[-0.6, len(values) - 0.4])
+    return fig
+
+
+def _tick_step(n: int) -> int:
+    return 1 if n <= 32 else 2 if n <= 64 else 4 if n <= 128 else 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Similarity heatmaps with runs of consecutive similar layers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def similar_runs(matrix: Any, threshold: float) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive states whose similarity to the run's first state is >= ``threshold``.
+
+    ``matrix`` is the (L+1)x(L+1) state similarity (cosine or CKA). Scanning from the first state, a run
+    starting at state ``s`` extends to the last ``e`` with ``matrix[s][k] >= threshold`` for all s < k <= e
+    (the SLM-style anchor rule). Returns ``(s, e)`` state pairs with ``e > s``: the decoder layers
+    ``s .. e-1`` barely change the residual stream and are candidates for merging.
+    """
+    m = np.asarray(matrix, dtype=float)
+    size = m.shape[0]
+    runs: list[tuple[int, int]] = []
+    s = 0
+    while s < size - 1:
+        e = s
+        while e + 1 < size and np.isfinite(m[s, e + 1]) and m[s, e + 1] >= threshold:
+            e += 1
+        if e > s:
+            runs.append((s, e))
+            s = e
+        else:
+            s += 1
+    return runs
+
+
+HEATMAP_KINDS = {"cosine": "Cosine similarity", "cka": "Linear CKA"}
+
+
+def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | None = None,
+                       title: str | None = None) -> go.Figure:
+    """(L+1)x(L+1) heatmap of residual-state similarity, states h_0..h_L labelled 0..L.
+
+    State h_i is the input of decoder layer i (h_L the last layer's output, before the final norm), as in
+    ``LayerReport``. With ``threshold``, every run from :func:`similar_runs` is outlined by a square.
+    """
+    if kind not in HEATMAP_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(HEATMAP_KINDS)}, got {kind!r}")
+    m = np.asarray(getattr(report, kind), dtype=float)
+    size = m.shape[0]
+    idx = list(range(size))
+    hover = [[f"h_{a} vs h_{b}<br>{HEATMAP_KINDS[kind]} {m[a, b]:.4f}<br>"
+              f"{_span_text(a, b)}" for b in idx] for a in idx]
+    zmin = 0.0 if kind == "cka" else float(min(0.0, np.nanmin(m)))
+    fig = go.Figure(go.Heatmap(
+        z=m, x=idx, y=idx, text=hover, hovertemplate="%{text}<extra></extra>",
+        colorscale="Viridis", zmin=zmin, zmax=1.0,
+        colorbar=dict(title=dict(text=f"{HEATMAP_KINDS[kind]}<br>(unitless)", side="right")),
+    ))
+    runs = similar_runs(m, threshold) if threshold is not None else []
+    for s, e in runs:
+        fig.add_shape(type="rect", x0=s - 0.5, x1=e + 0.5, y0=s - 0.5, y1=e + 0.5,
+                      line=dict(color="red", width=3), fillcolor="rgba(0,0,0,0)", name=f"run {s}-{e}")
+    head = HEATMAP_KINDS[kind] + " between residual states"
+    if threshold is not None:
+        head += f" — {len(runs)} run(s) ≥ {threshold:.2f} outlined"
+    step = _tick_step(size)
+    fig.update_layout(
+        title=title or head,
+        xaxis_title="Residual state h_i (input of layer i; 0-based)",
+        yaxis_title="Residual state h_j (input of layer j; 0-based)", **_LAYOUT,
+    )
+    fig.update_xaxes(tickmode="linear", tick0=0, dtick=step, constrain="domain")
+    fig.update_yaxes(tickmode="linear", tick0=0, dtick=step, autorange="reversed", scaleanchor="x",
+                     constrain="domain")
+    return fig
+
+
+def _span_text(a: int, b: int) -> str:
+    lo, hi = min(a, b), max(a, b)
+    if lo == hi:
+        return "same state"
+    if hi - lo == 1:
+        return f"across layer {lo}"
+    return f"across layers {lo}–{hi - 1} ({hi - lo} layers)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer strip: kept / removed / merged per layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
+    """One cell per decoder layer (0-based) colored kept / removed / merged, from ``plan_summary(plan)``.
+
+    ``summary``: a list of ``{"layer": i, "status": "kept"|"removed"|"merged", "into": j or None}``.
+    Merged cells read ``i→j`` (merged into layer j).
+    """
+    rows = sorted((dict(r) for r in summary), key=lambda r: int(r["layer"]))
+    fig = go.Figure()
+    for status in ("kept", "removed", "merged"):
+        part = [r for r in rows if r.get("status") == status]
+        if not part:
+            continue
+        text = [f"{r['layer']}→{r['into']}" if status == "merged" and r.get("into") is not None
+                else str(r["layer"]) for r in part]
+        hover = [f"layer {r['layer']}: {status}" + (f" into layer {r['into']}" if r.get("into") is not None
+                                                    and status == "merged" else "") for r in part]
+        fig.add_trace(go.Bar(
+            x=[int(r["layer"]) for r in part], y=[1] * len(part), name=f"{status} ({len(part)})",
+            marker=dict(color=STATUS_COLORS[status], line=dict(color="white", width=1)),
+            text=text, textposition="inside", insidetextanchor="middle", textangle=0,
+            hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", width=0.95,
+        ))
+    n = len(rows)
+    n_removed = sum(r.get("status") == "removed" for r in rows)
+    merged = [r for r in rows if r.get("status") == "merged"]
+    groups = {r.get("into") for r in merged}
+    gone = n_removed + len(merged) - len(groups)
+    parts = [f"{n_removed} removed"] if n_removed or not merged else []
+    if merged:
+        parts.append(f"{len(merged)} merged into {len(groups)}")
+    fig.update_layout(
+        title=title or f"Layer plan: {n - gone} of {n} layers remain ({', '.join(parts)})",
+        xaxis_title="Decoder layer index (0-based)", barmode="overlay", height=230,
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        template="plotly_white", margin=dict(l=30, r=30, t=80, b=50), font=dict(size=13),
+        uniformtext=dict(minsize=8, mode="hide"),
+    )
+    fig.update_yaxes(visible=False, range=[0, 1])
+    fig.update_xaxes(tickmode="linear", tick0=0, dtick=_tick_step(n), range=[-0.6, max(n, 1) - 0.4],
+                     showgrid=False)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Sweep curves (ShortGPT Figure 5 style)
 # ----------------------------------------------------------------------------------------------------------
 
@@ -96,7 +288,7 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
                 mode="lines+markers", name=strategy,
                 line=dict(color=strategy_color(strategy), width=2), marker=dict(size=7),
                 customdata=np.array(list(zip(n_removed, removed, strict=True)), dtype=object),
-                hovertemplate=(f"<b>{strategy}</b><br>removed %{{x:.1f}}%% of layers (%{{customdata[0]}})"
+                hovertemplate=(f"<b>{strategy}</b><br>removed %{{x:.1f}}% of layers (%{{customdata[0]}})"
                                f"<br>layers %{{customdata[1]}}<br>{_short(metric)} %{{y:.4g}}<extra></extra>"),
             ))
     cur = _current_point(current)
@@ -108,7 +300,7 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
             fig.add_trace(go.Scatter(
                 x=[x], y=[scale * float(value)], mode="markers", name=label,
                 marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1.5)),
-                hovertemplate=f"<b>{label}</b><br>removed %{{x:.1f}}%%<br>{_short(metric)} %{{y:.4g}}<extra></extra>",
+                hovertemplate=f"<b>{label}</b><br>removed %{{x:.1f}}%<br>{_short(metric)} %{{y:.4g}}<extra></extra>",
             ))
         else:
             fig.add_vline(x=x, line=dict(color="black", dash="dash", width=1.5),
@@ -197,7 +389,7 @@ def save_figure(fig: go.Figure, path: str | Path, png: bool = True, width: int =
 
 
 __all__ = [
-    "STRATEGY_COLORS", "STATUS_COLORS", "PNG_HINT", "strategy_color", "sweep_figure", "save_figure",
-    "figure_png_bytes",
+    "STRATEGY_COLORS", "STATUS_COLORS", "PNG_HINT", "strategy_color", "bar_values", "bi_bar", "similar_runs",
+    "similarity_heatmap", "layer_strip", "sweep_figure", "save_figure", "figure_png_bytes",
 ]
 

@@ -54,3 +54,87 @@ def test_save_figure_writes_html(tmp_path, monkeypatch):
     paths = save_figure(sweep_figure(_sweep_frame()), tmp_path / "sweep.png")
     assert paths == [tmp_path / "sweep.html"]
     assert "plotly" in paths[0].read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-layer bars, heatmaps, layer strip
+# ---------------------------------------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from layerlens.plots import bi_bar, layer_strip, similar_runs, similarity_heatmap  # noqa: E402
+from layerlens.report import LayerReport  # noqa: E402
+
+
+def _report(num_layers: int = 8) -> LayerReport:
+    """States 2..5 nearly identical (a patch-like block), the rest dissimilar."""
+    n = num_layers + 1
+    sim = np.full((n, n), 0.3)
+    sim[2:6, 2:6] = 0.95
+    np.fill_diagonal(sim, 1.0)
+    bi = tuple(1.0 - sim[i, i + 1] for i in range(num_layers))
+    block = tuple(tuple(float(np.arccos(sim[i, i + k]) / np.pi) for i in range(num_layers - k + 1))
+                  for k in range(1, num_layers + 1))
+    return LayerReport(num_layers=num_layers, bi=bi, cosine=tuple(map(tuple, sim)), cka=tuple(map(tuple, sim)),
+                       cka_estimator="minibatch", block_distance=block,
+                       magnitude=tuple(0.1 * (i + 1) for i in range(num_layers)))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "cka"])
+def test_heatmap_shape_labels_and_ticks(kind):
+    rep = _report()
+    fig = similarity_heatmap(rep, kind)
+    hm = fig.data[0]
+    assert np.asarray(hm.z).shape == (rep.num_layers + 1, rep.num_layers + 1)
+    assert list(hm.x) == list(range(rep.num_layers + 1)) and list(hm.y) == list(range(rep.num_layers + 1))
+    assert fig.layout.title.text and "0-based" in fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    assert fig.layout.xaxis.tick0 == 0 and fig.layout.xaxis.dtick == 1
+    assert "h_3 vs h_4" in hm.text[3][4] and "across layer 3" in hm.text[3][4]  # hover names 0-based layers
+    assert hm.colorbar.title.text
+    assert not fig.layout.shapes  # no threshold -> no outlines
+
+
+def test_heatmap_outlines_runs_above_threshold():
+    rep = _report()
+    assert similar_runs(rep.cosine, 0.9) == [(2, 5)]
+    fig = similarity_heatmap(rep, "cosine", threshold=0.9)
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert len(rects) == 1
+    assert (rects[0].x0, rects[0].x1, rects[0].y0, rects[0].y1) == (1.5, 5.5, 1.5, 5.5)
+    assert "1 run" in fig.layout.title.text
+    assert similar_runs(rep.cosine, 0.99) == []
+    assert similar_runs(rep.cosine, 0.2) == [(0, rep.num_layers)]  # everything similar: one run
+
+
+def test_bi_bar_metrics_highlight_and_axes():
+    rep = _report()
+    fig = bi_bar(rep, highlight=(3,))
+    bar = fig.data[0]
+    assert list(bar.x) == list(range(rep.num_layers))
+    assert list(bar.y) == pytest.approx(list(rep.bi))
+    assert bar.marker.color[3] != bar.marker.color[0]
+    assert "0-based" in fig.layout.xaxis.title.text and "Block Influence" in fig.layout.yaxis.title.text
+    assert fig.layout.title.text and fig.layout.dragmode == "select"
+    mag = bi_bar(rep, "magnitude")
+    assert list(mag.data[0].y) == pytest.approx(list(rep.magnitude)) and "Magnitude" in mag.layout.title.text
+    bd = bi_bar(rep, "block_distance", block_size=3, highlight=(5,))
+    assert len(bd.data[0].x) == rep.num_layers - 2
+    assert "3-layer block" in bd.layout.xaxis.title.text
+    colors = bd.data[0].marker.color
+    assert [c == colors[5] for c in colors][3:6] == [True, True, True]  # blocks 3..5 touch layer 5
+    with pytest.raises(ValueError):
+        bi_bar(rep, "block_distance", block_size=0)
+
+
+def test_layer_strip_statuses():
+    summary = [{"layer": i, "status": "kept", "into": None} for i in range(6)]
+    summary[1]["status"] = "removed"
+    summary[3].update(status="merged", into=3)
+    summary[4].update(status="merged", into=3)
+    fig = layer_strip(summary)
+    names = {t.name.split(" ")[0]: t for t in fig.data}
+    assert set(names) == {"kept", "removed", "merged"}
+    assert list(names["removed"].x) == [1]
+    assert list(names["merged"].text) == ["3→3", "4→3"]
+    assert "0-based" in fig.layout.xaxis.title.text
+    assert "4 of 6 layers remain (1 removed, 2 merged into 1)" in fig.layout.title.text
