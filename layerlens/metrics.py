@@ -162,13 +162,15 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
         else model.config.hidden_size
     started = time.perf_counter()
     total = math.ceil(len(token_lists) / config.batch_size)
+    # The backbone alone: the hooks see every layer, and the LM head's vocab-sized matmul is skipped.
+    backbone = getattr(model, "base_model", model)
     with ResidualCapture(model) as capture, torch.inference_mode():
         acc = _Accumulators(len(capture.layers) + 1, hidden, config.cka_estimator, device)
         for step, batch in enumerate(batches(tokenizer, token_lists, config.batch_size, device)):
             if should_stop is not None and should_stop():
                 raise Cancelled("Analysis cancelled; nothing was saved. Press Analyze to start again.")
             try:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             except torch.OutOfMemoryError as exc:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
