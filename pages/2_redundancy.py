@@ -1,0 +1,56 @@
+"""Redundancy: per-layer bars (BI / Relative Magnitude / block distance) and similarity heatmaps.
+
+Sliders only re-draw: the metrics come from the session's report and are never recomputed here.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from layerlens.plots import bi_bar, similar_runs, similarity_heatmap
+from pages import _ui as ui
+
+st.title("🔥 Redundancy")
+report = ui.need_report_or_stop()
+st.caption(ui.report_caption(report))
+
+L = report.num_layers
+BAR_LABELS = {"bi": "Block Influence (BI)", "magnitude": "Relative Magnitude", "block_distance": "Block distance"}
+
+with st.container(border=True):
+    c1, c2 = st.columns([2, 1])
+    metric = c1.radio("Per-layer metric", list(BAR_LABELS), format_func=BAR_LABELS.get, horizontal=True,
+                      key="rd_metric", persist_state="session")
+    block = 1
+    if metric == "block_distance":
+        block = c2.slider("Block size n (layers)", 1, max(1, L - 1), min(4, max(1, L - 1)), key="rd_block",
+                          persist_state="session",
+                          help="Angular distance between the input of layer i and the output of layer i+n−1")
+    plan = st.session_state.get(ui.SS_PLAN)
+    highlight = plan.removed_layers if plan is not None else ()
+    ui.chart(bi_bar(report, metric, block_size=block, highlight=highlight), key="rd_bar")
+    lowest = sorted(range(len(report.bi)), key=lambda i: report.bi[i])[:5]
+    st.caption(f"Most redundant by BI (lowest first): layers {', '.join(map(str, lowest))}."
+               + (f" Red: the current plan's removed layers {list(highlight)}." if highlight else ""))
+
+with st.container(border=True):
+    t1, t2 = st.columns([2, 1])
+    threshold = t1.slider("Similarity threshold: outline runs of consecutive layers at or above it",
+                          0.50, 1.00, 0.90, 0.01, key="rd_threshold", persist_state="session",
+                          help="A run starts at a state and extends while the similarity to that first state "
+                               "stays ≥ threshold: the patch-like blocks sliding layer merging (SLM) collapses.")
+    kinds = t2.multiselect("Matrices", ["cosine", "cka"], default=["cosine", "cka"], key="rd_kinds",
+                           format_func={"cosine": "Cosine", "cka": "Linear CKA"}.get, persist_state="session")
+    cols = st.columns(max(1, len(kinds)))
+    for col, kind in zip(cols, kinds, strict=False):
+        with col:
+            ui.chart(similarity_heatmap(report, kind, threshold=threshold), key=f"rd_heat_{kind}")
+            runs = similar_runs(getattr(report, kind), threshold)
+            if runs:
+                text = "; ".join(f"layers {s}–{e - 1}" if e - s > 1 else f"layer {s}" for s, e in runs)
+                st.caption(f"{kind.upper() if kind == 'cka' else 'Cosine'} runs ≥ {threshold:.2f}: {text} "
+                           f"(states h_s…h_e; {sum(e - s for s, e in runs)} layers inside runs).")
+            else:
+                st.caption(f"No two consecutive states reach {threshold:.2f}; lower the threshold.")
+st.caption("States: h_i is the input of decoder layer i, h_L the last layer's output (before the final norm). "
+           "Hover any cell for the exact value and the layers it spans.")

@@ -1,0 +1,504 @@
+"""Dashboard plumbing shared by the pages (streamlit side): cached model, session state, long work, errors.
+
+Caching rules (STYLE.md habit 8):
+
+* ``st.cache_resource`` holds ONLY the loaded model (+ a lock), keyed by (id, revision, dtype, device,
+  trust_remote_code). Every session shares it; nobody mutates it (surgery returns new models).
+* ``st.cache_data`` holds small results (reports read from disk, quick before/after numbers).
+* Everything per user -- settings, reports, plans, pruned models, uploads -- lives in ``st.session_state``
+  under ``ll_*`` keys and is never put in a cache shared across sessions.
+
+Any forward pass through the shared model (or a model derived from it) runs under the model's lock: hooks
+and ``surgery.pruned`` are not safe across threads, and two sessions must not see each other's activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from layerlens.dashboard_state import (
+    AnalysisSettings,
+    PlanSettings,
+    check_upload,
+    confine_path,
+    default_model_spec,
+    from_query,
+    looks_like_hub_id,
+    to_query,
+)
+from layerlens.errors import LayerLensError
+
+log = logging.getLogger("layerlens.dashboard")
+
+# ----------------------------------------------------------------------------------------------------------
+# Session state
+# ----------------------------------------------------------------------------------------------------------
+
+SS_SETTINGS = "ll_settings"  # AnalysisSettings of the report on screen
+SS_REPORT = "ll_report"  # LayerReport on screen
+SS_MODEL_INFO = "ll_model_info"  # ModelInfo.to_dict() of the report's model
+SS_PLAN_SETTINGS = "ll_plan_settings"  # PlanSettings (Prune page)
+SS_PLAN = "ll_plan"  # last valid PrunePlan
+SS_PRUNED = "ll_pruned"  # {"plan_json", "model", "quick"}: this session's pruned model
+SS_UPLOAD = "ll_upload"  # {"name", "sha", "path"}: this session's uploaded data file
+SS_AUTO = "ll_auto_started"
+SS_INIT = "ll_init"
+SS_CANCELLED = "ll_cancelled"
+SS_SWEEP = "ll_sweep_frame"
+
+
+def init_session() -> None:
+    """Once per session: read a share link's query parameters into the session's settings."""
+    ss = st.session_state
+    if ss.get(SS_INIT):
+        return
+    ss[SS_INIT] = True
+    try:
+        params = {k: st.query_params.get(k) for k in st.query_params}
+    except Exception:  # noqa: BLE001 - a malformed URL must not break the app
+        params = {}
+    settings, plan = from_query(params, AnalysisSettings.quick(), None)
+    ss["ll_requested"] = settings
+    if plan is not None:
+        ss[SS_PLAN_SETTINGS] = plan
+        ss["ll_plan_from_url"] = True
+
+
+def requested_settings() -> AnalysisSettings:
+    return st.session_state.get("ll_requested") or AnalysisSettings.quick()
+
+
+def current_report() -> Any | None:
+    return st.session_state.get(SS_REPORT)
+
+
+def current_settings() -> AnalysisSettings | None:
+    return st.session_state.get(SS_SETTINGS)
+
+
+def plan_settings() -> PlanSettings:
+    return st.session_state.get(SS_PLAN_SETTINGS) or PlanSettings()
+
+
+def set_plan_settings(ps: PlanSettings) -> None:
+    st.session_state[SS_PLAN_SETTINGS] = ps
+
+
+def sync_query_params() -> None:
+    """Mirror the shareable state (model, data size, plan) into the URL; only writes on change."""
+    settings = current_settings() or requested_settings()
+    want = to_query(settings, st.session_state.get(SS_PLAN_SETTINGS))
+    try:
+        have = {k: st.query_params.get(k) for k in st.query_params}
+        if have != want:
+            st.query_params.from_dict(want)
+    except Exception:  # noqa: BLE001 - URL sync is best effort
+        log.debug("query param sync failed", exc_info=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def guarded(what: str) -> Iterator[None]:
+    """Show a user error as one ``st.error`` sentence (never a traceback); earlier results stay on screen."""
+    try:
+        yield
+    except LayerLensError as exc:
+        st.error(str(exc), icon="🚫")
+    except MemoryError:
+        st.error(f"Out of memory while {what}; lower the samples, sequence length or batch size, or load the "
+                 "model in bfloat16.", icon="🚫")
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback in the UI
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            st.error(f"Out of memory while {what}; lower the samples, sequence length or batch size, or load "
+                     "the model in bfloat16.", icon="🚫")
+        else:
+            log.error("unexpected error while %s:\n%s", what, traceback.format_exc())
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            st.error(f"Unexpected error while {what} ({type(exc).__name__}: {first[:300]}); earlier results are "
+                     "kept. Try smaller settings or another model; the server log has the details.", icon="🚫")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared model
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SharedModel:
+    loaded: Any  # layerlens.loading.LoadedModel
+    lock: threading.RLock
+    per_layer_params: tuple[int, ...]
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def info(self) -> Any:
+        return self.loaded.info
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _shared_model(model: str, revision: str | None, dtype: str, device: str,
+                  trust_remote_code: bool) -> SharedModel:
+    """The one cached copy of a model for every session (key: id, revision, dtype, device)."""
+    from layerlens.adapters import decoder_layers
+    from layerlens.loading import load_model
+
+    loaded = load_model(model, revision=revision, dtype=dtype, device=device,
+                        trust_remote_code=trust_remote_code)
+    per_layer = tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model))
+    return SharedModel(loaded=loaded, lock=threading.RLock(), per_layer_params=per_layer)
+
+
+def check_model_spec(spec: str) -> str:
+    """Only the bundled default, the server's configured default, hub ids and folders under the data root."""
+    spec = (spec or "").strip()
+    if spec in ("default", default_model_spec()):
+        return spec
+    if looks_like_hub_id(spec) and not Path(spec).exists():
+        return spec
+    return str(confine_path(spec, kind="dir"))
+
+
+def get_model(settings: AnalysisSettings) -> SharedModel:
+    spec = check_model_spec(settings.model)
+    return _shared_model(spec, settings.revision or None, settings.dtype, settings.device,
+                         bool(settings.trust_remote_code))
+
+
+@contextlib.contextmanager
+def model_lock(shared: SharedModel, note: Any = None, quiet: bool = False) -> Iterator[None]:
+    """Hold the model's lock; tell the user when another session is using the model meanwhile."""
+    if not shared.lock.acquire(blocking=False):
+        if not quiet:
+            (note or st).info("Another session is using this model; waiting for it to finish…", icon="⏳")
+        shared.lock.acquire()
+    try:
+        yield
+    finally:
+        shared.lock.release()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_upload(uploaded: Any) -> dict[str, str]:
+    """Keep an uploaded file for THIS session only (a private temp file), after the size/type check."""
+    suffix = check_upload(uploaded.name, uploaded.size)
+    data = uploaded.getvalue()
+    sha = hashlib.sha256(data).hexdigest()[:16]
+    prev = st.session_state.get(SS_UPLOAD)
+    if prev and prev["sha"] == sha and Path(prev["path"]).exists():
+        return prev
+    folder = Path(tempfile.mkdtemp(prefix="layerlens-upload-"))
+    path = folder / f"upload{suffix}"
+    path.write_bytes(data)
+    info = {"name": uploaded.name, "sha": sha, "path": str(path)}
+    st.session_state[SS_UPLOAD] = info
+    return info
+
+
+def resolve_texts(settings: AnalysisSettings) -> tuple[Any, str]:
+    """(TextSet, fingerprint) for the settings' data; local paths confined, uploads from this session."""
+    from layerlens.data import load_texts
+
+    data = settings.data
+    if data.startswith("upload:"):
+        up = st.session_state.get(SS_UPLOAD)
+        if not up or up["sha"] != data.removeprefix("upload:") or not Path(up["path"]).exists():
+            raise LayerLensError("The uploaded file is no longer available in this session; upload it again.")
+        texts = load_texts(up["path"], role="calibration", field=settings.text_field)
+        return replace_source(texts, f"upload:{up['name']}"), up["sha"]
+    if data.startswith("path:"):
+        path = confine_path(data.removeprefix("path:"), kind="file")
+        st_ = path.stat()
+        return load_texts(str(path), role="calibration", field=settings.text_field), \
+            f"{path}:{st_.st_size}:{st_.st_mtime_ns}"
+    if data.startswith("hub:"):
+        return load_texts(data, role="calibration", field=settings.text_field), data
+    if data in ("default", "prose"):
+        return load_texts(data, role="calibration", field=settings.text_field), data
+    raise LayerLensError(f"Unknown data source '{data}'; pick one in the Data section.")
+
+
+def replace_source(texts: Any, source: str) -> Any:
+    return replace(texts, source=source, description=texts.description.replace(texts.source, source))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Analysis with progress, cancel, disk cache
+# ----------------------------------------------------------------------------------------------------------
+
+
+def runs_dir() -> Path:
+    from layerlens.runs import default_runs_dir
+
+    return default_runs_dir() / "dashboard"
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _read_report(path: str, mtime_ns: int) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _request_cancel() -> None:
+    st.session_state[SS_CANCELLED] = True
+
+
+def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> bool:
+    """Load the model and compute (or reload from disk) its report; True when a new report is on screen.
+
+    On any error the earlier report stays in the session and an ``st.error`` says what to change.
+    """
+    from layerlens.metrics import CaptureConfig, analyze
+    from layerlens.report import LayerReport
+
+    ss = st.session_state
+    ss[SS_CANCELLED] = False
+    ok = False
+    with guarded("analyzing the model"):
+        settings.validate()
+        status = st.status(f"{label}: loading {settings.model}…", expanded=True)
+        with status, _status_error_on_failure(status):
+            t0 = time.perf_counter()
+            shared = get_model(settings)
+            info = shared.info
+            status.write(f"Model ready: {info.architecture}, {info.num_layers} layers, "
+                         f"{info.num_parameters / 1e6:.1f} M parameters on {info.device} "
+                         f"({time.perf_counter() - t0:.1f} s).")
+            texts, fingerprint = resolve_texts(settings)
+            settings = replace(settings, data_label=texts.source)
+            key = settings.key(f"{fingerprint}|{info.source_path}|{info.num_parameters}")
+            path = runs_dir() / "analyze" / f"{key}.json"
+            if path.exists():
+                report = LayerReport.from_dict(_read_report(str(path), path.stat().st_mtime_ns))
+                status.update(label=f"Loaded the saved analysis ({report.num_layers} layers)", state="complete",
+                              expanded=False)
+            else:
+                config = CaptureConfig(samples=settings.samples, seq_len=settings.seq_len,
+                                       batch_size=settings.batch_size, cka_estimator=settings.cka_estimator,
+                                       seed=settings.seed)
+                status.update(label=f"{label}: {settings.samples} samples × {settings.seq_len} tokens…")
+                bar = st.progress(0.0, text="Starting…")
+                st.button("Cancel", key="ll_cancel_analysis", on_click=_request_cancel,
+                          help="Stop the analysis; the results already on screen are kept.")
+                t1 = time.perf_counter()
+
+                def progress(done: int, total: int, msg: str) -> None:
+                    rate = (time.perf_counter() - t1) / max(done, 1)
+                    bar.progress(min(done / max(total, 1), 1.0),
+                                 text=f"{msg} · about {rate * (total - done):.0f} s left")
+
+                meta = dict(model=info.model, revision=info.revision, model_type=info.model_type,
+                            dtype=info.dtype, device=info.device, source="dashboard")
+                with model_lock(shared, status):
+                    report = analyze(shared.model, shared.tokenizer, texts, config, progress=progress,
+                                     should_stop=lambda: bool(ss.get(SS_CANCELLED)), meta=meta)
+                report.save(path)
+                bar.progress(1.0, text="Done")
+                status.update(label=f"Analyzed {report.num_layers} layers in {time.perf_counter() - t1:.1f} s",
+                              state="complete", expanded=False)
+        ss[SS_REPORT] = report
+        ss[SS_SETTINGS] = settings
+        ss[SS_MODEL_INFO] = info.to_dict()
+        ss["ll_requested"] = settings
+        ss.pop(SS_PRUNED, None)  # a pruned model belongs to the previous report's model
+        ok = True
+    return ok
+
+
+@contextlib.contextmanager
+def _status_error_on_failure(status: Any) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        status.update(label="Failed — see the message below; earlier results are kept.", state="error",
+                      expanded=False)
+        raise
+
+
+def ensure_report(auto: bool = True) -> Any | None:
+    """The report on screen; on a session's first visit (no typing) run the quick default analysis."""
+    ss = st.session_state
+    if ss.get(SS_REPORT) is not None:
+        return ss[SS_REPORT]
+    if ss.get(SS_CANCELLED):
+        st.warning("Analysis cancelled; press **Analyze** on the Model & data page to start again.")
+        return None
+    if auto and not ss.get(SS_AUTO):
+        ss[SS_AUTO] = True
+        st.info("First visit: running a quick analysis of the bundled default model and text "
+                "(small sample) so you can explore right away.", icon="👋")
+        run_analysis(requested_settings(), label="Quick first analysis")
+        return ss.get(SS_REPORT)
+    st.info("No analysis yet: pick a model and data on the **Model & data** page and press **Analyze**.")
+    return None
+
+
+def shared_for_report() -> SharedModel | None:
+    settings = current_settings()
+    if settings is None:
+        return None
+    return get_model(settings)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small cached evaluations (quick before/after)
+# ----------------------------------------------------------------------------------------------------------
+
+QUICK_WINDOWS = 4
+QUICK_SEQ_LEN = 128
+QUICK_NEW_TOKENS = 24
+
+
+def eval_texts() -> Any:
+    from layerlens.data import load_texts
+
+    return load_texts("default", role="eval")
+
+
+def quick_measure(model: Any, tokenizer: Any, prompt: str, *, windows: int = QUICK_WINDOWS,
+                  seq_len: int = QUICK_SEQ_LEN, new_tokens: int = QUICK_NEW_TOKENS) -> dict[str, Any]:
+    """Perplexity on a few held-out windows, greedy generation of ``prompt``, tokens/s. Caller holds the lock."""
+    import torch
+
+    from layerlens.evaluation import perplexity
+
+    ppl = perplexity(model, tokenizer, eval_texts(), seq_len=seq_len, max_windows=windows)
+    enc = tokenizer(prompt, return_tensors="pt")
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
+        t = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        dt = time.perf_counter() - t
+    n_new = int(out.shape[1] - enc["input_ids"].shape[1])
+    text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return {"perplexity": float(ppl.perplexity), "windows": int(getattr(ppl, "n_windows", windows)),
+            "seq_len": seq_len, "tokens_per_s": n_new / dt if dt > 0 else float("nan"), "generation": text,
+            "new_tokens": n_new}
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cached_quick_original(_shared: SharedModel, model_key: tuple, prompt: str) -> dict[str, Any]:
+    """Quick numbers of the ORIGINAL model (identical for every session; keyed by model key + prompt)."""
+    with model_lock(_shared, quiet=True):
+        return quick_measure(_shared.model, _shared.tokenizer, prompt)
+
+
+def apply_only(shared: SharedModel, plan: Any) -> Any:
+    """Surgery on a NEW model for this session (shares unchanged weights; the cached original is untouched)."""
+    from layerlens.surgery import apply_plan
+
+    with model_lock(shared):
+        return apply_plan(shared.model, plan)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cached_quick_pruned(_shared: SharedModel, model_key: tuple, plan_json: str, prompt: str) -> dict[str, Any]:
+    """Quick numbers of the pruned model (keyed by model key + plan + prompt: a share link reuses them)."""
+    from layerlens.plans import PrunePlan
+    from layerlens.surgery import apply_plan
+
+    plan = PrunePlan.from_json(plan_json)
+    with model_lock(_shared, quiet=True):
+        t = time.perf_counter()
+        model = apply_plan(_shared.model, plan)
+        surgery_s = time.perf_counter() - t
+        quick = quick_measure(model, _shared.tokenizer, prompt)
+    quick["surgery_s"] = surgery_s
+    return quick
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drawing helpers
+# ----------------------------------------------------------------------------------------------------------
+
+PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def chart(fig: Any, key: str, **kw: Any) -> Any:
+    return st.plotly_chart(fig, key=key, config=PLOT_CONFIG, **kw)
+
+
+def human_params(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def report_caption(report: Any) -> str:
+    m = report.meta
+    return (f"{m.get('model', '?')} · {report.num_layers} layers · {m.get('samples')} samples × "
+            f"{m.get('seq_len')} tokens ({m.get('tokens')} tokens) of {m.get('data')} · CKA {report.cka_estimator} "
+            f"· {m.get('device')} {m.get('dtype')}")
+
+
+def need_report_or_stop() -> Any:
+    """For pages that need a report: get one (auto-running on first visit) or stop the page politely."""
+    report = ensure_report()
+    if report is None:
+        st.page_link("pages/1_model_data.py", label="Go to Model & data", icon="➡️")
+        st.stop()
+    return report
+
+
+Callback = Callable[[], None]
+
+
+def sidebar_status() -> None:
+    """What is on screen for this session: model, analysis, plan (a glance from any page)."""
+    with st.sidebar:
+        st.caption("This session")
+        report = current_report()
+        info = st.session_state.get(SS_MODEL_INFO)
+        if report is None or info is None:
+            st.caption("No analysis yet.")
+            return
+        st.markdown(f"**Model** `{_short_model(info['model'])}` · {info['num_layers']} layers")
+        m = report.meta
+        st.markdown(f"**Analysis** {m.get('samples')} × {m.get('seq_len')} tokens, {m.get('data')}")
+        plan = st.session_state.get(SS_PLAN)
+        if plan is not None:
+            st.markdown(f"**Plan** {plan.strategy}: −{plan.n_removed} layers ({plan.ratio:.0%})")
+        pruned = st.session_state.get(SS_PRUNED)
+        if pruned is not None:
+            st.markdown("**Pruned model** applied ✅")
+
+
+def _short_model(spec: str) -> str:
+    from layerlens.defaults import DEFAULT_MODEL_ID
+
+    if spec == DEFAULT_MODEL_ID:
+        return "default (SmolLM2-135M)"
+    return spec if len(spec) <= 40 else "…" + spec[-38:]
