@@ -611,7 +611,8 @@ def make_plan(strategy: str, report: LayerReport | None = None, *, ratio: float 
             if threshold is None:
                 raise PlanError("SLM with the output criterion needs a similarity threshold.")
             if model is None or "token_lists" not in kw:
-                raise PlanError("SLM with the output criterion needs model, tokenizer and token_lists.")
+                raise PlanError("SLM with the output criterion probes the model with forward passes; pass model, "
+                                 "tokenizer and token_lists (or use slm_output_plan).")
             return slm_output_plan(model, kw.pop("tokenizer", None), kw.pop("token_lists"), threshold,
                                    keep_last=keep_last, formula=formula, **kw)
         _no_extra(strategy, kw)
