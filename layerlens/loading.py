@@ -208,17 +208,17 @@ def load_model(spec: str = "default", *, revision: str | None = None, dtype: str
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        raise ResourceError(f"Out of memory while loading '{spec}'; try --dtype bfloat16 or "
+                            "--device-map auto.") from exc
     except ValueError as exc:
         raise UnsupportedArchitectureError(
             f"'{spec}' (model type '{model_type}') is not a causal LM that transformers can load: "
             f"{str(exc).splitlines()[0]}") from exc
-    except (OSError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors/torch raise many types for bad files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LayerLensError(f"The weights of '{spec}' could not be read ({first}); the files may be "
                              "corrupt or truncated: re-download or re-save the model.") from exc
-    except torch.OutOfMemoryError as exc:
-        raise ResourceError(f"Out of memory while loading '{spec}'; try --dtype bfloat16 or "
-                            "--device-map auto.") from exc
     if device_map is None:
         model.to(dev)
     model.eval()

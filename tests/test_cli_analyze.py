@@ -101,3 +101,21 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
     rc = main(["analyze", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "not a decoder-only causal LM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_corrupt_weights_get_a_clear_message(tiny_llama, tmp_path, capsys, damage):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    weights = broken / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x07" * 100)
+    else:
+        weights.unlink()
+    rc = main(["analyze", "--model", str(broken), "--data", DATA, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "could not be read" in err and "Traceback" not in err
