@@ -1,0 +1,81 @@
+"""Issue 9 (library side): memory refusal with numbers, OOM messages, safety of loading, soak."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from layerlens import loading
+from layerlens.data import TextSet
+from layerlens.errors import LayerLensError, ResourceError
+from layerlens.metrics import CaptureConfig, analyze
+
+
+def test_refuses_before_loading_when_memory_is_short(tiny_llama, monkeypatch):
+    monkeypatch.setattr(loading, "available_bytes", lambda device: 1000)
+    with pytest.raises(ResourceError, match=r"needs about .* GiB but only .* GiB is free"):
+        loading.load_model(str(tiny_llama), device="cpu")
+
+
+def test_memory_estimate_is_close_to_real_size(tiny_llama):
+    lm = loading.load_model(str(tiny_llama), device="cpu")
+    real = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    est = loading.estimate_bytes(lm.model.config, torch.float32)
+    assert 0.7 < est / real < 1.3
+
+
+def test_out_of_memory_during_analysis_names_the_fix(tiny_llama, sample_texts, monkeypatch):
+    lm = loading.load_model(str(tiny_llama), device="cpu")
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(lm.model.base_model, "forward", boom)
+    with pytest.raises(ResourceError, match="lower --batch-size or --seq-len"):
+        analyze(lm.model, lm.tokenizer, TextSet(tuple(sample_texts), "t", "t"), CaptureConfig(samples=2))
+
+
+def test_cuda_requested_without_cuda_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(LayerLensError, match="CUDA is not available"):
+        loading.resolve_device("cuda")
+
+
+def test_remote_code_needs_explicit_opt_in(tiny_llama, tmp_path):
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_llama, custom)
+    cfg = json.loads((custom / "config.json").read_text())
+    cfg.update(model_type="totally_custom", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                      "AutoModelForCausalLM": "modeling_x.XModel"})
+    (custom / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "executed"
+    (custom / "configuration_x.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(LayerLensError, match="--trust-remote-code"):
+        loading.load_model(str(custom), device="cpu")
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_pickled_weights_cannot_execute_code(tiny_llama, tmp_path):
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_llama, evil)
+    (evil / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(evil / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": _Payload(str(marker))}, f)
+    with pytest.raises(LayerLensError, match="could not be read"):
+        loading.load_model(str(evil), device="cpu")
+    assert not marker.exists()
