@@ -30,5 +30,7 @@ PAGES = [
 ]
 page = st.navigation(PAGES)
 ui.sidebar_status()
-page.run()
-ui.sync_query_params()
+try:
+    page.run()
+finally:  # also when a page stops early: the URL always reflects the session's shareable state
+    ui.sync_query_params()

@@ -361,8 +361,75 @@ def settings_fields() -> tuple[str, ...]:
     return tuple(f.name for f in fields(AnalysisSettings))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def safe_name(text: str, default: str = "pruned-model") -> str:
+    """A folder name from user text: letters, digits, ``-_.`` only (no separators, no ``..``)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", (text or "").strip()).strip(".-")
+    return name[:80] or default
+
+
+def save_pruned_model(model: Any, tokenizer: Any, plan: Any, folder: str | Path,
+                      meta: Mapping[str, Any] | None = None) -> Path:
+    """Save a pruned model in plain ``transformers`` format + ``layerlens_plan.json``, atomically.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained(folder)``; the plan JSON records which
+    original layers were removed/merged and the provenance.
+    """
+    import json as _json
+
+    from .runs import atomic_dir, provenance
+
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        doc = {"plan": plan.to_dict(), "meta": provenance(**dict(meta or {}))}
+        (tmp / "layerlens_plan.json").write_text(_json.dumps(doc, indent=1, default=str), encoding="utf-8")
+    return folder
+
+
+def zip_folder(folder: str | Path) -> bytes:
+    """The folder as zip bytes (stored, not compressed: safetensors do not compress)."""
+    import io
+    import zipfile
+
+    folder = Path(folder)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, arcname=f"{folder.name}/{f.relative_to(folder)}")
+    return buf.getvalue()
+
+
+def metrics_frame(report: Any) -> Any:
+    """Per-layer metrics as a DataFrame (one row per decoder layer, 0-based) for CSV export."""
+    import pandas as pd
+
+    n = report.num_layers
+    return pd.DataFrame({
+        "layer": range(n), "bi": report.bi, "magnitude": report.magnitude,
+        "cosine_next": [report.cosine[i][i + 1] for i in range(n)],
+        "cka_next": [report.cka[i][i + 1] for i in range(n)],
+    })
+
+
+def matrix_csv(matrix: Any) -> str:
+    """An (L+1)x(L+1) state matrix as CSV with h_0..h_L headers."""
+    import pandas as pd
+
+    n = len(matrix)
+    names = [f"h_{i}" for i in range(n)]
+    return pd.DataFrame([list(r) for r in matrix], index=names, columns=names).to_csv(index_label="state")
+
+
 __all__ = [
     "AnalysisSettings", "PlanSettings", "build_plan", "check_upload", "confine_path", "data_root",
     "default_model_spec", "from_query", "params_after", "parse_layers", "plan_reason", "to_query",
-    "MAX_UPLOAD_MB", "PRUNE_STRATEGIES", "STRATEGY_LABELS", "PLAN_MODES", "PLAN_MODE_LABELS",
+    "metrics_frame", "matrix_csv", "safe_name", "save_pruned_model", "zip_folder", "MAX_UPLOAD_MB", "PRUNE_STRATEGIES", "STRATEGY_LABELS", "PLAN_MODES", "PLAN_MODE_LABELS",
 ]

@@ -357,6 +357,14 @@ PNG_HINT = ("PNG export needs kaleido>=1 and a Chrome/Chromium: `pip install kal
             "chromium (or set BROWSER_PATH to a Chrome binary); the HTML file was written.")
 
 
+def png_available() -> bool:
+    """Cheap check (no rendering): kaleido installed and a Chrome/Chromium to drive."""
+    import importlib.util
+
+    _chromium_for_kaleido()
+    return importlib.util.find_spec("kaleido") is not None and bool(os.environ.get("BROWSER_PATH"))
+
+
 def figure_png_bytes(fig: go.Figure, width: int = 1100, height: int = 650, scale: float = 2.0) -> bytes | None:
     """The figure as PNG bytes via kaleido, or ``None`` (and a logged hint) when it cannot be rendered."""
     _chromium_for_kaleido()
@@ -391,5 +399,6 @@ def save_figure(fig: go.Figure, path: str | Path, png: bool = True, width: int =
 __all__ = [
     "STRATEGY_COLORS", "STATUS_COLORS", "PNG_HINT", "strategy_color", "bar_values", "bi_bar", "similar_runs",
     "similarity_heatmap", "layer_strip", "sweep_figure", "save_figure", "figure_png_bytes",
+    "png_available",
 ]
 

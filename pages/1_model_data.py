@@ -137,7 +137,8 @@ if report is not None and info is not None:
     m1.metric("Architecture", info["architecture"].replace("ForCausalLM", ""), help=info["model_type"])
     m2.metric("Decoder layers", info["num_layers"])
     m3.metric("Parameters", ui.human_params(info["num_parameters"]))
-    m4.metric("Weights in memory", f"{info['num_parameters'] * bytes_per / 2**20:,.0f} MB")
+    mb = info["num_parameters"] * bytes_per / 2**20
+    m4.metric("Weights in memory", f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.2f} MB")
     m5.metric("Device · dtype", f"{info['device']} · {info['dtype']}")
     st.caption(f"Model `{info['model']}` ({info['source_path']}) · hidden size {info['hidden_size']} · "
                f"max positions {info['max_positions']}")

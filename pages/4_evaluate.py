@@ -1,3 +1,106 @@
+"""Evaluate: perplexity and MMLU against pruning ratio, one curve per strategy (ShortGPT Figure 5 style).
+
+Every finished point is persisted by ``layerlens.sweep`` (runs/sweep/points); a stopped sweep resumes where
+it stopped, and the last sweep of these settings reappears after a restart.
+"""
+
+from __future__ import annotations
+
 import streamlit as st
 
-st.title("4_evaluate")
+from layerlens.dashboard_state import STRATEGY_LABELS
+from layerlens.plots import sweep_figure
+from pages import _ui as ui
+
+st.title("📈 Evaluate")
+report = ui.need_report_or_stop()
+st.caption(ui.report_caption(report))
+ss = st.session_state
+
+shared = None
+with ui.guarded("loading the model"):
+    shared = ui.shared_for_report()
+if shared is None:
+    st.stop()
+
+STRATS = ("bi", "reverse", "sequential", "magnitude", "block", "streamline", "random")
+RATIOS = tuple(round(0.05 * i, 2) for i in range(0, 15))
+
+with st.container(border=True):
+    c1, c2 = st.columns(2)
+    strategies = c1.multiselect("Strategies (one curve each)", STRATS, default=["bi", "reverse"],
+                                format_func=STRATEGY_LABELS.get, key="ev_strategies", persist_state="session")
+    ratios = c2.multiselect("Pruning ratios", RATIOS, default=[0.0, 0.1, 0.2, 0.3, 0.4], key="ev_ratios",
+                            format_func=lambda r: f"{r:.0%}", persist_state="session")
+    d1, d2, d3, d4 = st.columns(4)
+    windows = d1.number_input("Perplexity windows", 1, 256, 8, key="ev_windows", persist_state="session",
+                              help="Held-out Shakespeare windows (plays disjoint from the calibration plays)")
+    seq_len = d2.number_input("Window length (tokens)", 16, 4096, 256, step=64, key="ev_seq_len",
+                              persist_state="session")
+    use_mmlu = d3.checkbox("MMLU", value=True, key="ev_mmlu", persist_state="session",
+                           help="Bundled MMLU test questions, scored by answer-letter log-likelihood")
+    per_subject = d4.number_input("MMLU questions per subject (57 subjects)", 1, 100, 1, key="ev_mmlu_n",
+                                  persist_state="session", disabled=not use_mmlu)
+    include_current = st.checkbox("Also evaluate the current plan from the Prune page", value=True,
+                                  key="ev_current", persist_state="session")
+    b1, b2 = st.columns([1, 5])
+    run = b1.button("Run sweep", type="primary", icon="▶️", key="ev_run")
+    b2.caption("Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep again "
+               "resumes where it stopped.")
+
+plan = ss.get(ui.SS_PLAN)
+settings = ui.current_settings()
+sweep_key = ui.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
+                         int(per_subject) if use_mmlu else 0,
+                         plan.to_json() if include_current and plan is not None else "")
+
+if run:
+    if not strategies or not ratios:
+        st.error("Pick at least one strategy and one ratio.", icon="🚫")
+    else:
+        with ui.guarded("running the sweep"):
+            frame = ui.run_sweep(shared, report, strategies, ratios, windows=int(windows), seq_len=int(seq_len),
+                                 mmlu_per_subject=int(per_subject) if use_mmlu else 0,
+                                 current_plan=plan if include_current else None, key=sweep_key)
+            ss[ui.SS_SWEEP] = (sweep_key, frame)
+
+saved = ss.get(ui.SS_SWEEP)
+frame = saved[1] if saved and saved[0] == sweep_key else ui.load_saved_sweep(sweep_key)
+if frame is None and saved:
+    frame = saved[1]
+    st.caption("Showing the last sweep of this session (its settings differ from the ones above).")
+if frame is None:
+    st.info("No sweep for these settings yet: press **Run sweep**. With the defaults it takes about a minute "
+            "on a CPU.", icon="ℹ️")
+    st.stop()
+
+curves = frame[frame["strategy"] != "current"]
+cur_rows = frame[frame["strategy"] == "current"]
+cur_row = cur_rows.iloc[0] if len(cur_rows) else None
+label = f"current plan ({plan.strategy})" if plan is not None else "current plan"
+
+
+def _current(metric: str):
+    if plan is None:
+        return None
+    value = None
+    if cur_row is not None and cur_row["removed_layers"] == ",".join(map(str, plan.removed_layers)):
+        value = cur_row[metric]
+    return {"ratio": plan.ratio, "value": value, "label": label}
+
+
+f1, f2 = st.columns(2)
+with f1:
+    ui.chart(sweep_figure(curves, "perplexity", current=_current("perplexity")), key="ev_ppl")
+with f2:
+    if frame["mmlu_accuracy"].notna().any():
+        ui.chart(sweep_figure(curves, "mmlu_accuracy", current=_current("mmlu_accuracy")), key="ev_mmlu_fig")
+    else:
+        st.info("MMLU was not part of this sweep.")
+n_cached = int(frame["cached"].sum()) if "cached" in frame else 0
+st.caption(f"{len(frame)} points ({n_cached} read back from earlier runs) · perplexity on held-out plays "
+           "(lower is better) · MMLU chance level is 25%.")
+show = frame.copy()
+show["ratio"] = (100 * show["ratio"]).round(1)
+st.dataframe(show[["strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy", "seconds",
+                   "cached"]].rename(columns={"ratio": "ratio (%)"}), hide_index=True, width="stretch")

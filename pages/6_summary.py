@@ -1,3 +1,120 @@
+"""Summary (stakeholder demo): one screen -- model, layers removed and why, size and speed saved, quality kept,
+the heatmap that motivated it. The URL carries the state (model, data size, strategy, ratio): share it."""
+
+from __future__ import annotations
+
+import math
+from urllib.parse import urlencode
+
 import streamlit as st
 
-st.title("6_summary")
+from layerlens.dashboard_state import build_plan, params_after, plan_reason, to_query
+from layerlens.plans import plan_summary
+from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
+from pages import _ui as ui
+
+ss = st.session_state
+report = ui.need_report_or_stop()
+info = ss.get(ui.SS_MODEL_INFO) or {}
+shared = None
+with ui.guarded("loading the model"):
+    shared = ui.shared_for_report()
+if shared is None:
+    st.stop()
+
+plan = ss.get(ui.SS_PLAN)
+if plan is None or plan.num_layers != report.num_layers:
+    plan = None
+    with ui.guarded("building the plan from the link"):
+        plan = build_plan(report, ui.plan_settings())
+        ss[ui.SS_PLAN] = plan
+if plan is None:
+    st.stop()
+
+model_name = ui._short_model(info.get("model", "model"))
+st.title(f"🧾 {model_name}: {plan.num_layers_after} of {plan.num_layers} layers kept")
+st.caption(ui.report_caption(report))
+
+# ---- quality and speed (cached per model + plan: a shared link reuses them) ------------------------------
+pruned = ss.get(ui.SS_PRUNED)
+quick = original = None
+if pruned is not None and pruned["plan_json"] == plan.to_json():
+    quick, original, prompt = pruned["quick"], pruned["original"], pruned["prompt"]
+elif plan.n_removed > 0:
+    prompt = "The king said to his daughter,"
+    with ui.guarded("measuring the pruned model"), st.spinner("Measuring perplexity and speed (a few seconds)…"):
+        key = ui.current_settings().model_key()
+        quick = ui.cached_quick_pruned(shared, key, plan.to_json(), prompt)
+        original = ui.cached_quick_original(shared, key, prompt)
+
+
+def _mmlu_for(layers: str) -> float | None:
+    saved = ss.get(ui.SS_SWEEP)
+    if not saved:
+        return None
+    frame = saved[1]
+    rows = frame[(frame["removed_layers"].fillna("") == layers) & frame["mmlu_accuracy"].notna()]
+    return float(rows["mmlu_accuracy"].iloc[0]) if len(rows) else None
+
+
+total = shared.info.num_parameters
+after = params_after(total, shared.per_layer_params, plan)
+c1, c2, c3, c4, c5 = st.columns(5)
+c1.metric("Layers removed", f"{plan.n_removed} of {plan.num_layers}", delta=f"−{plan.ratio:.0%} depth",
+          delta_color="off")
+c2.metric("Parameters", ui.human_params(after), delta=f"−{(total - after) / total:.1%} ({ui.human_params(total)})",
+          delta_color="off")
+if quick and original and original["tokens_per_s"] > 0:
+    c3.metric("Generation speed", f"{quick['tokens_per_s']:.1f} tok/s",
+              delta=f"{quick['tokens_per_s'] / original['tokens_per_s'] - 1:+.0%}")
+    c4.metric(f"Perplexity ({quick['windows']}×{quick['seq_len']} tok)", f"{quick['perplexity']:.2f}",
+              delta=f"{quick['perplexity'] - original['perplexity']:+.2f} (was {original['perplexity']:.2f})",
+              delta_color="inverse")
+else:
+    c3.metric("Generation speed", "–")
+    c4.metric("Perplexity", "–")
+m_after = _mmlu_for(",".join(map(str, plan.removed_layers)))
+m_before = _mmlu_for("")
+if m_after is not None and not math.isnan(m_after):
+    c5.metric("MMLU accuracy", f"{m_after:.1%}",
+              delta=f"{(m_after - m_before) * 100:+.1f} pts (was {m_before:.1%})" if m_before is not None else None)
+else:
+    c5.metric("MMLU accuracy", "–", help="Run a sweep with MMLU on the Evaluate page to fill this in")
+
+# ---- which layers and why ---------------------------------------------------------------------------------
+with st.container(border=True):
+    st.markdown(f"**Removed:** layers {', '.join(map(str, plan.removed_layers)) or 'none'} "
+                f"· strategy **{plan.strategy}**")
+    st.markdown(plan_reason(report, plan))
+    ui.chart(layer_strip(plan_summary(plan)), key="sm_strip")
+
+f1, f2 = st.columns(2)
+with f1:
+    if plan.strategy == "slm":
+        crit = plan.params.get("criterion", "cka")
+        ui.chart(similarity_heatmap(report, crit, threshold=plan.params.get("threshold", 0.9)), key="sm_heat")
+    else:
+        ui.chart(similarity_heatmap(report, "cosine", threshold=0.9), key="sm_heat")
+with f2:
+    metric = "magnitude" if plan.strategy == "magnitude" else "bi"
+    ui.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="sm_bar")
+
+if quick and original:
+    g1, g2 = st.columns(2)
+    with g1, st.container(border=True):
+        st.markdown(f"**Original** ({plan.num_layers} layers)")
+        st.text(prompt + original["generation"])
+    with g2, st.container(border=True):
+        st.markdown(f"**Pruned** ({plan.num_layers_after} layers)")
+        st.text(prompt + quick["generation"])
+
+# ---- share ------------------------------------------------------------------------------------------------
+settings = ui.current_settings()
+query = urlencode(to_query(settings, ui.plan_settings()))
+base = ""
+try:
+    base = (st.context.url or "").split("?")[0]
+except Exception:  # noqa: BLE001 - AppTest has no URL
+    base = ""
+st.markdown("**Share this summary** (opens the same model, analysis size and plan):")
+st.code(f"{base}?{query}" if base else f"?{query}", language=None)

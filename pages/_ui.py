@@ -502,3 +502,79 @@ def _short_model(spec: str) -> str:
     if spec == DEFAULT_MODEL_ID:
         return "default (SmolLM2-135M)"
     return spec if len(spec) <= 40 else "…" + spec[-38:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sweeps (Evaluate page)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sweep_key(settings: AnalysisSettings | None, report: Any, strategies: Any, ratios: Any, windows: int,
+              seq_len: int, mmlu_per_subject: int, current_plan_json: str) -> str:
+    from layerlens.runs import stable_key
+
+    return stable_key({"model": settings.model_key() if settings else None, "report": report.meta.get("created"),
+                       "strategies": sorted(strategies), "ratios": sorted(float(r) for r in ratios),
+                       "windows": windows, "seq_len": seq_len, "mmlu": mmlu_per_subject,
+                       "current": current_plan_json})
+
+
+def _sweep_csv(key: str) -> Path:
+    return runs_dir() / "sweeps" / f"{key}.csv"
+
+
+def load_saved_sweep(key: str) -> Any | None:
+    import pandas as pd
+
+    path = _sweep_csv(key)
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_csv(path, dtype={"removed_layers": str})
+    except (OSError, ValueError):
+        return None
+    frame["removed_layers"] = frame["removed_layers"].fillna("")
+    return frame
+
+
+def _request_stop() -> None:
+    st.session_state["ll_sweep_stopped"] = True
+
+
+def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *, windows: int, seq_len: int,
+              mmlu_per_subject: int, current_plan: Any, key: str) -> Any:
+    """Run (or resume) a sweep with a per-point progress bar and a Stop button; persist the frame."""
+    from layerlens.data import load_texts
+    from layerlens.runs import atomic_write_text, default_runs_dir
+    from layerlens.sweep import make_plans, sweep
+
+    ss = st.session_state
+    ss["ll_sweep_stopped"] = False
+    ppl_texts = load_texts("default", role="eval")
+    questions = None
+    if mmlu_per_subject > 0:
+        from layerlens.questions import load_questions
+
+        questions = load_questions("default", limit=mmlu_per_subject)
+    plans = make_plans(report, list(strategies), sorted(float(r) for r in ratios), num_layers=report.num_layers)
+    if current_plan is not None:
+        plans.append(("current", current_plan.ratio, current_plan))
+    status = st.status(f"Sweep: {len(plans)} points…", expanded=True)
+    with status, _status_error_on_failure(status):
+        bar = st.progress(0.0, text="Preparing the evaluation data…")
+        st.button("Stop", key="ll_stop_sweep", on_click=_request_stop, icon="⏹️",
+                  help="Stop after the current point; finished points stay saved.")
+        t0 = time.perf_counter()
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.progress(min(done / max(total, 1), 1.0),
+                         text=f"{done}/{total} evaluations · {label[:90]} · {time.perf_counter() - t0:.0f} s")
+
+        with model_lock(shared, status):
+            frame = sweep(shared.model, shared.tokenizer, report, plans=plans, ppl_texts=ppl_texts,
+                          questions=questions, seq_len=seq_len, max_windows=windows,
+                          runs_dir=default_runs_dir(), model_id=shared.info.to_dict(), progress=progress)
+        status.update(label=f"Sweep done: {len(frame)} points in {time.perf_counter() - t0:.0f} s",
+                      state="complete", expanded=False)
+    atomic_write_text(_sweep_csv(key), frame.to_csv(index=False))
+    return frame

@@ -1,0 +1,172 @@
+"""A one-page, self-contained HTML report: what was analysed, what was removed and why, what it cost, and
+the full provenance (model, data, settings, versions). Pure python + plotly (no streamlit); the figures are
+the same builders the dashboard draws (:mod:`layerlens.plots`).
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from .plots import bi_bar, layer_strip, similarity_heatmap, sweep_figure
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1150px;margin:24px auto;padding:0 16px;
+color:#1f2933}
+h1{margin-bottom:0}h2{border-bottom:2px solid #e4e7eb;padding-bottom:4px;margin-top:32px}
+.sub{color:#616e7c;margin-top:4px}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
+.card{border:1px solid #d9e2ec;border-radius:8px;padding:10px 16px;min-width:150px}
+.card .v{font-size:1.5em;font-weight:600}.card .l{color:#616e7c;font-size:.85em}
+table{border-collapse:collapse;font-size:.9em;margin:8px 0}td,th{border:1px solid #d9e2ec;padding:4px 8px;
+text-align:left}th{background:#f5f7fa}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:8px}.mono{font-family:ui-monospace,Menlo,monospace}
+footer{color:#9aa5b1;font-size:.8em;margin-top:40px}
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return "–" if not math.isfinite(x) else format(x, spec)
+    return str(x)
+
+
+def _card(value: Any, label: str) -> str:
+    return f'<div class="card"><div class="v">{_esc(value)}</div><div class="l">{_esc(label)}</div></div>'
+
+
+def _table(rows: list[tuple[Any, Any]]) -> str:
+    body = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(_fmt(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("layerlens", "torch", "transformers", "plotly"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def build_report_html(report: Any, *, plan: Any = None, model_info: dict[str, Any] | None = None,
+                      quick: dict[str, Any] | None = None, original: dict[str, Any] | None = None,
+                      sweep_frame: Any = None, reason: str | None = None, threshold: float = 0.9,
+                      params_before: int | None = None, params_after: int | None = None,
+                      title: str | None = None) -> str:
+    """The report as one HTML string (plotly.js embedded once, so it opens offline).
+
+    ``quick``/``original``: the dashboard's quick before/after numbers (``perplexity``, ``tokens_per_s``,
+    ``windows``, ``seq_len``); ``sweep_frame``: a sweep DataFrame; ``reason``: why these layers.
+    """
+    from .plans import plan_summary
+    from .runs import provenance
+
+    meta = dict(report.meta)
+    info = dict(model_info or {})
+    model_name = info.get("model") or meta.get("model") or "model"
+    figs: list[tuple[str, Any]] = []
+    removed = tuple(plan.removed_layers) if plan is not None else ()
+    figs.append(("Per-layer Block Influence", bi_bar(report, "bi", highlight=removed)))
+    figs.append(("Cosine similarity", similarity_heatmap(report, "cosine", threshold=threshold)))
+    figs.append(("Linear CKA", similarity_heatmap(report, "cka", threshold=threshold)))
+    if plan is not None:
+        figs.append(("Plan", layer_strip(plan_summary(plan))))
+    if sweep_frame is not None and len(sweep_frame):
+        curves = sweep_frame[sweep_frame["strategy"] != "current"]
+        cur = {"ratio": plan.ratio, "label": "current plan"} if plan is not None else None
+        figs.append(("Perplexity sweep", sweep_figure(curves, "perplexity", current=cur)))
+        if sweep_frame["mmlu_accuracy"].notna().any():
+            figs.append(("MMLU sweep", sweep_figure(curves, "mmlu_accuracy", current=cur)))
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title or 'LayerLens report')}</title>"
+             f"<style>{_CSS}</style></head><body>"]
+    parts.append(f"<h1>{_esc(title or 'LayerLens report')}</h1>")
+    parts.append(f"<p class='sub'>Model <b>{_esc(model_name)}</b> · {report.num_layers} decoder layers · "
+                 f"layer indices are 0-based</p>")
+
+    cards = [_card(f"{report.num_layers}", "layers in the model")]
+    if plan is not None:
+        cards.append(_card(f"{plan.num_layers_after}", f"layers after pruning (−{plan.n_removed})"))
+        cards.append(_card(f"{plan.ratio:.1%}", "pruning ratio"))
+    if params_before and params_after:
+        cards.append(_card(f"{params_after / 1e6:.1f} M", f"parameters (was {params_before / 1e6:.1f} M, "
+                                                          f"−{1 - params_after / params_before:.1%})"))
+    if quick and original:
+        cards.append(_card(f"{quick['perplexity']:.2f}", f"perplexity (was {original['perplexity']:.2f})"))
+        if original.get("tokens_per_s"):
+            cards.append(_card(f"{quick['tokens_per_s']:.1f}/s", f"tokens/s (was {original['tokens_per_s']:.1f}, "
+                                                                  f"{quick['tokens_per_s'] / original['tokens_per_s'] - 1:+.0%})"))
+    parts.append("<div class='cards'>" + "".join(cards) + "</div>")
+
+    if plan is not None:
+        parts.append("<h2>What is removed and why</h2>")
+        parts.append(f"<p class='mono'>{_esc(plan.describe())}</p>")
+        if reason:
+            parts.append(f"<p>{_esc(reason)}</p>")
+    if quick and original:
+        parts.append(f"<p class='sub'>Quick check: perplexity on {quick.get('windows')} held-out windows × "
+                     f"{quick.get('seq_len')} tokens, greedy generation speed on this machine.</p>")
+
+    parts.append("<h2>Figures</h2><div class='grid'>")
+    for i, (name, fig) in enumerate(figs):
+        div = fig.to_html(include_plotlyjs=(i == 0), full_html=False, default_height="460px",
+                          div_id=f"fig{i}", config={"displaylogo": False})
+        wide = name in ("Plan", "Per-layer Block Influence")
+        style = " style='grid-column:1 / span 2'" if wide else ""
+        parts.append(f"<div{style}>{div}</div>")
+    parts.append("</div>")
+
+    parts.append("<h2>Per-layer metrics</h2><table><tr><th>layer</th><th>BI</th><th>Relative Magnitude</th>"
+                 "<th>cos(h_i, h_i+1)</th><th>CKA(h_i, h_i+1)</th><th>plan</th></tr>")
+    status = {r["layer"]: r for r in plan_summary(plan)} if plan is not None else {}
+    for i in range(report.num_layers):
+        st = status.get(i, {}).get("status", "")
+        into = status.get(i, {}).get("into")
+        st_text = f"merged into {into}" if st == "merged" else st
+        parts.append(f"<tr><td>{i}</td><td>{report.bi[i]:.5f}</td><td>{report.magnitude[i]:.5f}</td>"
+                     f"<td>{report.cosine[i][i + 1]:.5f}</td><td>{report.cka[i][i + 1]:.5f}</td>"
+                     f"<td>{_esc(st_text)}</td></tr>")
+    parts.append("</table>")
+
+    if sweep_frame is not None and len(sweep_frame):
+        parts.append("<h2>Sweep points</h2>")
+        cols = [c for c in ("strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy")
+                if c in sweep_frame.columns]
+        parts.append(sweep_frame[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+
+    prov = provenance(exported_by="layerlens dashboard")
+    parts.append("<h2>Provenance</h2><div class='grid'><div><h3>Model</h3>")
+    parts.append(_table([(k, v) for k, v in info.items()] or [("model", model_name)]))
+    parts.append("<h3>Analysis</h3>")
+    parts.append(_table([(k, v) for k, v in meta.items()] + [("cka_estimator", report.cka_estimator)]))
+    parts.append("</div><div>")
+    if plan is not None:
+        parts.append("<h3>Plan</h3>")
+        parts.append(f"<pre class='mono'>{_esc(json.dumps(plan.to_dict(), indent=1))}</pre>")
+    parts.append("<h3>Software</h3>")
+    parts.append(_table(list(_versions().items()) + [("report created", prov.get("created")),
+                                                     ("git commit", prov.get("git_commit"))]))
+    parts.append("</div></div>")
+    parts.append("<footer>Generated by LayerLens. Metrics: Block Influence and Relative Magnitude (ShortGPT), "
+                 "angular block distance (Gromov et al.), cosine/CKA between residual states (LLM-Streamline, "
+                 "SLM).</footer></body></html>")
+    return "".join(parts)
+
+
+def save_report_html(path: str | Path, report: Any, **kwargs: Any) -> Path:
+    from .runs import atomic_write_text
+
+    return atomic_write_text(Path(path), build_report_html(report, **kwargs))

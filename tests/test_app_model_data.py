@@ -1,0 +1,99 @@
+"""AppTest: Model & data page (first-open quick analysis, model card, bad input kept as st.error)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
+    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LAYERLENS_DATA_ROOT", str(tmp_path / "root"))
+    (tmp_path / "root").mkdir()
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield AppTest.from_file(APP, default_timeout=180)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_first_open_runs_quick_analysis_and_shows_heatmaps(app):
+    app.run()
+    assert not app.exception
+    assert not app.error
+    assert _metrics(app)["Decoder layers"] == "6"
+    charts = app.get("plotly_chart")
+    assert len(charts) == 2  # first look: heatmap + BI bars
+    # widgets exist with working defaults
+    assert app.radio(key="md_model_source").value == "default"
+    assert app.selectbox(key="md_dtype").value == "auto"
+    assert app.selectbox(key="md_data_source").value == "default"
+    assert app.number_input(key="md_samples").value == 8
+    assert app.checkbox(key="md_trust").value is False
+    assert app.button(key="md_analyze")
+    # the report is persisted; pressing Analyze again reloads it from disk
+    app.button(key="md_analyze").click().run()
+    assert not app.exception and not app.error
+    assert any("Loaded the saved analysis" in s.label for s in app.status)
+
+
+def test_bad_inputs_show_one_sentence_and_keep_results(app):
+    app.run()
+    assert _metrics(app)["Decoder layers"] == "6"
+    # hub id while offline
+    app.radio(key="md_model_source").set_value("hub").run()
+    app.text_input(key="md_hub_id").set_value("nobody/does-not-exist").run()
+    app.button(key="md_analyze").click().run()
+    assert not app.exception
+    assert len(app.error) == 1 and "nobody/does-not-exist" in app.error[0].value
+    assert _metrics(app)["Decoder layers"] == "6"  # earlier results stay on screen
+    # local folder outside LAYERLENS_DATA_ROOT
+    app.radio(key="md_model_source").set_value("local").run()
+    app.text_input(key="md_local_path").set_value("/etc").run()
+    app.button(key="md_analyze").click().run()
+    assert not app.exception
+    assert "outside the allowed data folder" in app.error[0].value
+    # sequence length above the model's limit (tiny model: 256 positions)
+    app.radio(key="md_model_source").set_value("default").run()
+    app.number_input(key="md_seq_len").set_value(1024).run()
+    app.button(key="md_analyze").click().run()
+    assert not app.exception
+    assert "256" in app.error[0].value and "seq-len" in app.error[0].value.lower()
+    assert _metrics(app)["Decoder layers"] == "6"
+    # data file path outside the root / missing
+    app.number_input(key="md_seq_len").set_value(64).run()
+    app.selectbox(key="md_data_source").set_value("path").run()
+    app.text_input(key="md_data_path").set_value("../../etc/passwd").run()
+    app.button(key="md_analyze").click().run()
+    assert "outside the allowed data folder" in app.error[0].value
+    assert not app.exception
+
+
+def test_trust_remote_code_warns(app):
+    app.run()
+    assert not any("Remote code" in w.value for w in app.warning)
+    app.checkbox(key="md_trust").check().run()
+    assert any("Remote code runs" in w.value for w in app.warning)
+
+
+def test_local_data_file_under_root_is_analyzed(app, tmp_path):
+    (tmp_path / "root" / "cal.txt").write_text("\n\n".join(
+        f"Paragraph {i}: the quick brown fox jumps over the lazy dog again and again." for i in range(12)))
+    app.run()
+    app.selectbox(key="md_data_source").set_value("path").run()
+    app.text_input(key="md_data_path").set_value("cal.txt").run()
+    app.number_input(key="md_samples").set_value(4).run()
+    app.button(key="md_analyze").click().run()
+    assert not app.exception and not app.error
+    assert any("cal.txt" in c.value for c in app.caption)
