@@ -79,3 +79,44 @@ def test_pickled_weights_cannot_execute_code(tiny_llama, tmp_path):
     with pytest.raises(LayerLensError, match="could not be read"):
         loading.load_model(str(evil), device="cpu")
     assert not marker.exists()
+
+
+def _param_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_soak_analyze_prune_eval_cycles_do_not_grow_memory(tiny_model_factory, sample_texts):
+    """Repeated analyze -> plan -> apply/merge -> perplexity cycles: RSS flat, original bit-for-bit intact."""
+    import gc
+
+    from layerlens.evaluation import perplexity
+    from layerlens.plans import make_plan, slm_plan
+    from layerlens.surgery import apply_plan
+
+    lm = loading.load_model(str(tiny_model_factory("llama", num_layers=8)), device="cpu")
+    digest = _param_digest(lm.model)
+    texts = TextSet(tuple(sample_texts), "t", "t")
+    rss = []
+    for cycle in range(8):
+        rep = analyze(lm.model, lm.tokenizer, texts, CaptureConfig(samples=8, seq_len=48, batch_size=4))
+        for plan in (make_plan("bi", rep, ratio=0.25), slm_plan(rep, threshold=0.2, criterion="cosine")):
+            small = apply_plan(lm.model, plan)
+            ppl = perplexity(small, lm.tokenizer, texts, seq_len=32, max_windows=4)
+            assert ppl.perplexity > 1
+            del small
+        gc.collect()
+        rss.append(_rss_bytes())
+    assert _param_digest(lm.model) == digest
+    growth = rss[-1] - rss[2]  # after warm-up
+    assert growth < 20 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 5 cycles: {rss}"
