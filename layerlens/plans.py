@@ -38,8 +38,18 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int, str], None]
 
-STRATEGIES = ("bi", "reverse", "sequential", "magnitude", "random", "block", "streamline", "slm", "laco",
-              "manual")
+STRATEGIES = (
+    "bi",
+    "reverse",
+    "sequential",
+    "magnitude",
+    "random",
+    "block",
+    "streamline",
+    "slm",
+    "laco",
+    "manual",
+)
 METHODS = ("remove", "merge")
 MERGE_FORMULAS = ("task_vector", "keep_top", "mean")
 SLM_CRITERIA = ("cka", "cosine", "output")
@@ -107,8 +117,9 @@ class PrunePlan:
         if self.method not in METHODS:
             raise PlanError(f"Unknown plan method '{self.method}'; use 'remove' or 'merge'.")
         if self.merge_formula not in MERGE_FORMULAS:
-            raise PlanError(f"Unknown merge formula '{self.merge_formula}'; use one of "
-                            f"{', '.join(MERGE_FORMULAS)}.")
+            raise PlanError(
+                f"Unknown merge formula '{self.merge_formula}'; use one of {', '.join(MERGE_FORMULAS)}."
+            )
         if self.strategy not in STRATEGIES:
             raise PlanError(f"Unknown strategy '{self.strategy}'; use one of {', '.join(STRATEGIES)}.")
         if self.method == "remove" and self.merge:
@@ -124,20 +135,27 @@ class PrunePlan:
             seen.add(i)
         for g in self.merge:
             if len(g) < 2:
-                raise PlanError(f"Merge group {list(g)} has fewer than two layers; a merge needs two or more.")
+                raise PlanError(
+                    f"Merge group {list(g)} has fewer than two layers; a merge needs two or more."
+                )
             for i in g:
                 if not 0 <= i < n:
-                    raise PlanError(f"Layer index {i} in merge group {list(g)} is out of range for a "
-                                    f"{n}-layer model (valid: 0..{n - 1}).")
+                    raise PlanError(
+                        f"Layer index {i} in merge group {list(g)} is out of range for a "
+                        f"{n}-layer model (valid: 0..{n - 1})."
+                    )
             if len(set(g)) != len(g):
                 raise PlanError(f"Merge group {list(g)} lists a layer twice; give each layer once.")
             s = sorted(g)
             if s != list(range(s[0], s[0] + len(s))):
-                raise PlanError(f"Merge group {list(g)} is not consecutive; a group must be adjacent layers "
-                                "like [4, 5, 6].")
+                raise PlanError(
+                    f"Merge group {list(g)} is not consecutive; a group must be adjacent layers "
+                    "like [4, 5, 6]."
+                )
             if seen & set(g):
-                raise PlanError(f"Merge group {list(g)} overlaps another group; each layer can be in one "
-                                "group only.")
+                raise PlanError(
+                    f"Merge group {list(g)} overlaps another group; each layer can be in one group only."
+                )
             seen.update(g)
         removed = len(self.remove) if self.method == "remove" else sum(len(g) - 1 for g in self.merge)
         if removed >= n:
@@ -187,10 +205,16 @@ class PrunePlan:
     def to_dict(self) -> dict[str, Any]:
         """Fields plus derived ``ratio``, ``n_removed``, ``removed_layers``, ``kept_layers`` (for readers)."""
         return {
-            "num_layers": self.num_layers, "method": self.method, "remove": list(self.remove),
-            "merge": [list(g) for g in self.merge], "merge_formula": self.merge_formula,
-            "strategy": self.strategy, "params": _jsonable(self.params),
-            "ratio": self.ratio, "n_removed": self.n_removed, "removed_layers": list(self.removed_layers),
+            "num_layers": self.num_layers,
+            "method": self.method,
+            "remove": list(self.remove),
+            "merge": [list(g) for g in self.merge],
+            "merge_formula": self.merge_formula,
+            "strategy": self.strategy,
+            "params": _jsonable(self.params),
+            "ratio": self.ratio,
+            "n_removed": self.n_removed,
+            "removed_layers": list(self.removed_layers),
             "kept_layers": list(self.kept_layers),
         }
 
@@ -200,13 +224,20 @@ class PrunePlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
         try:
-            return cls(num_layers=d["num_layers"], method=d.get("method", "remove"),
-                       remove=tuple(d.get("remove", ())), merge=tuple(tuple(g) for g in d.get("merge", ())),
-                       merge_formula=d.get("merge_formula", "task_vector"), strategy=d.get("strategy", "manual"),
-                       params=dict(d.get("params", {})))
+            return cls(
+                num_layers=d["num_layers"],
+                method=d.get("method", "remove"),
+                remove=tuple(d.get("remove", ())),
+                merge=tuple(tuple(g) for g in d.get("merge", ())),
+                merge_formula=d.get("merge_formula", "task_vector"),
+                strategy=d.get("strategy", "manual"),
+                params=dict(d.get("params", {})),
+            )
         except (KeyError, TypeError) as exc:
-            raise PlanError(f"Not a valid pruning plan ({type(exc).__name__}: {exc}); expected the JSON "
-                            "written by PrunePlan.to_json.") from exc
+            raise PlanError(
+                f"Not a valid pruning plan ({type(exc).__name__}: {exc}); expected the JSON "
+                "written by PrunePlan.to_json."
+            ) from exc
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:
@@ -222,10 +253,15 @@ class PrunePlan:
 
     def describe(self) -> str:
         """One line for humans: strategy, what goes, resulting depth."""
-        what = (f"remove {list(self.remove)}" if self.method == "remove"
-                else f"merge {[list(g) for g in self.merge]} ({self.merge_formula})")
-        return (f"{self.strategy}: {what} -> {self.num_layers_after}/{self.num_layers} layers "
-                f"(ratio {self.ratio:.3f})")
+        what = (
+            f"remove {list(self.remove)}"
+            if self.method == "remove"
+            else f"merge {[list(g) for g in self.merge]} ({self.merge_formula})"
+        )
+        return (
+            f"{self.strategy}: {what} -> {self.num_layers_after}/{self.num_layers} layers "
+            f"(ratio {self.ratio:.3f})"
+        )
 
 
 def _jsonable(obj: Any) -> Any:
@@ -265,16 +301,26 @@ def plan_summary(plan: PrunePlan) -> list[dict[str, Any]]:
 
 # -- helpers ---------------------------------------------------------------------------------------------
 def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
-            or not 0.0 <= ratio < 1.0:
-        raise PlanError(f"The pruning ratio {ratio!r} is outside [0, 1); give e.g. 0.25 to remove a quarter "
-                        "of the layers.")
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, (int, float))
+        or not math.isfinite(ratio)
+        or not 0.0 <= ratio < 1.0
+    ):
+        raise PlanError(
+            f"The pruning ratio {ratio!r} is outside [0, 1); give e.g. 0.25 to remove a quarter "
+            "of the layers."
+        )
     return float(ratio)
 
 
 def _check_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
-            or not -1.0 <= threshold <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+        or not -1.0 <= threshold <= 1.0
+    ):
         raise PlanError(f"The similarity threshold {threshold!r} is outside [-1, 1]; give e.g. 0.9.")
     return float(threshold)
 
@@ -283,8 +329,9 @@ def ratio_to_count(ratio: float, num_layers: int) -> int:
     """``round(ratio * L)`` (Python's round: half to even); refuses a count that removes every layer."""
     k = round(_check_ratio(ratio) * num_layers)
     if k >= num_layers:
-        raise PlanError(f"A ratio of {ratio} removes all {num_layers} layers after rounding; use a smaller "
-                        "ratio.")
+        raise PlanError(
+            f"A ratio of {ratio} removes all {num_layers} layers after rounding; use a smaller ratio."
+        )
     return k
 
 
@@ -295,8 +342,10 @@ def _count(ratio: float | None, n: int | None, num_layers: int, strategy: str) -
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise PlanError(f"The layer count n={n!r} must be a non-negative integer.")
         if n >= num_layers:
-            raise PlanError(f"Removing n={n} layers from a {num_layers}-layer model removes every layer; "
-                            f"use n <= {num_layers - 1}.")
+            raise PlanError(
+                f"Removing n={n} layers from a {num_layers}-layer model removes every layer; "
+                f"use n <= {num_layers - 1}."
+            )
         return n, {"n": n}
     k = ratio_to_count(ratio, num_layers)  # type: ignore[arg-type]
     return k, {"target_ratio": float(ratio)}  # type: ignore[arg-type]
@@ -315,13 +364,15 @@ def lowest_k(values: Sequence[float], k: int) -> tuple[int, ...]:
 
 def _need_report(strategy: str, report: LayerReport | None) -> LayerReport:
     if report is None:
-        raise PlanError(f"Strategy '{strategy}' ranks layers by their measured redundancy; run the analysis "
-                        "first (layerlens analyze) and pass its report.")
+        raise PlanError(
+            f"Strategy '{strategy}' ranks layers by their measured redundancy; run the analysis "
+            "first (layerlens analyze) and pass its report."
+        )
     return report
 
 
 def best_block(report: LayerReport, n: int) -> int:
-    """Start i of the contiguous block of n layers with the smallest block_distance[n-1][i]; ties -> lower i."""
+    """Start i of the n-layer block with the smallest block_distance[n-1][i]; ties -> lower i."""
     row = report.block_distance[n - 1]
     cands = range(report.num_layers - n + 1)
     return min(cands, key=lambda i: (_key(row[i]) if i < len(row) else math.inf, i))
@@ -338,8 +389,9 @@ def _key_hi(value: float) -> float:
 
 
 # -- SLM -------------------------------------------------------------------------------------------------
-def _slm_groups(sim: Callable[[int, int], float], num_layers: int, threshold: float,
-                keep_last: bool) -> list[tuple[int, ...]]:
+def _slm_groups(
+    sim: Callable[[int, int], float], num_layers: int, threshold: float, keep_last: bool
+) -> list[tuple[int, ...]]:
     """Sliding merge, top down. ``sim(j, a)`` compares the outputs of layers j < a.
 
     The anchor starts at the top layer (L-2 with ``keep_last``); the window [j..anchor] grows downward
@@ -358,8 +410,15 @@ def _slm_groups(sim: Callable[[int, int], float], num_layers: int, threshold: fl
     return sorted(groups)
 
 
-def slm_plan(report: LayerReport, threshold: float | None = None, *, target_ratio: float | None = None,
-             criterion: str = "cka", keep_last: bool = True, formula: str = "task_vector") -> PrunePlan:
+def slm_plan(
+    report: LayerReport,
+    threshold: float | None = None,
+    *,
+    target_ratio: float | None = None,
+    criterion: str = "cka",
+    keep_last: bool = True,
+    formula: str = "task_vector",
+) -> PrunePlan:
     """Sliding layer merging from the report (SLM's "representation" view; instant).
 
     Similarity of layer j's and layer a's outputs = ``report.cka[j+1][a+1]`` (or ``cosine``), since the
@@ -372,8 +431,10 @@ def slm_plan(report: LayerReport, threshold: float | None = None, *, target_rati
     """
     if criterion not in ("cka", "cosine"):
         if criterion == "output":
-            raise PlanError("The 'output' criterion needs forward passes; use slm_output_plan(model, ...) "
-                            "or the CLI with --criterion output.")
+            raise PlanError(
+                "The 'output' criterion needs forward passes; use slm_output_plan(model, ...) "
+                "or the CLI with --criterion output."
+            )
         raise PlanError(f"Unknown SLM criterion '{criterion}'; use cka, cosine or output.")
     if formula not in MERGE_FORMULAS:
         raise PlanError(f"Unknown merge formula '{formula}'; use one of {', '.join(MERGE_FORMULAS)}.")
@@ -404,8 +465,14 @@ def slm_plan(report: LayerReport, threshold: float | None = None, *, target_rati
         params["target_ratio"] = target
     params["threshold"] = t
     groups = _slm_groups(sim, n, t, keep_last)
-    return PrunePlan(num_layers=n, method="merge", merge=tuple(groups), merge_formula=formula, strategy="slm",
-                     params=params)
+    return PrunePlan(
+        num_layers=n,
+        method="merge",
+        merge=tuple(groups),
+        merge_formula=formula,
+        strategy="slm",
+        params=params,
+    )
 
 
 # -- functional criteria (forward passes): SLM 'output' and LaCo ------------------------------------------
@@ -426,7 +493,9 @@ class _FinalStates:
 
     @staticmethod
     def _final(model: Any, batch: Any) -> Any:
-        out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        out = model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
         return out.last_hidden_state.float()
 
     def similarity(self, candidate: Any) -> float:
@@ -444,15 +513,30 @@ class _FinalStates:
         return sum(sims) / len(sims)
 
 
-def _merge_plan(num_layers: int, groups: Sequence[Sequence[int]], formula: str, strategy: str,
-                params: dict[str, Any]) -> PrunePlan:
-    return PrunePlan(num_layers=num_layers, method="merge", merge=tuple(tuple(g) for g in groups if len(g) > 1),
-                     merge_formula=formula, strategy=strategy, params=params)
+def _merge_plan(
+    num_layers: int, groups: Sequence[Sequence[int]], formula: str, strategy: str, params: dict[str, Any]
+) -> PrunePlan:
+    return PrunePlan(
+        num_layers=num_layers,
+        method="merge",
+        merge=tuple(tuple(g) for g in groups if len(g) > 1),
+        merge_formula=formula,
+        strategy=strategy,
+        params=params,
+    )
 
 
-def slm_output_plan(model: Any, tokenizer: Any, token_lists: list[list[int]], threshold: float, *,
-                    keep_last: bool = True, formula: str = "task_vector", batch_size: int = 8,
-                    progress: Progress | None = None) -> PrunePlan:
+def slm_output_plan(
+    model: Any,
+    tokenizer: Any,
+    token_lists: list[list[int]],
+    threshold: float,
+    *,
+    keep_last: bool = True,
+    formula: str = "task_vector",
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> PrunePlan:
     """SLM with the reference script's functional criterion (forward passes; the model is not mutated).
 
     As in the published code: anchor = top layer (L-2 with ``keep_last``); the window [low..anchor] is
@@ -498,14 +582,30 @@ def slm_output_plan(model: Any, tokenizer: Any, token_lists: list[list[int]], th
         if progress:
             progress(min(done, total), total, f"SLM: anchor {high} done")
         high = low
-    params = {"criterion": "output", "threshold": t, "keep_last": keep_last, "samples": len(token_lists),
-              "trace": trace}
+    params = {
+        "criterion": "output",
+        "threshold": t,
+        "keep_last": keep_last,
+        "samples": len(token_lists),
+        "trace": trace,
+    }
     return _merge_plan(n, sorted(committed), formula, "slm", params)
 
 
-def laco_plan(model: Any, tokenizer: Any, token_lists: list[list[int]], threshold: float, *, m: int = 3,
-              interval: int = 1, lowest: int = 0, highest: int | None = None, formula: str = "task_vector",
-              batch_size: int = 8, progress: Progress | None = None) -> PrunePlan:
+def laco_plan(
+    model: Any,
+    tokenizer: Any,
+    token_lists: list[list[int]],
+    threshold: float,
+    *,
+    m: int = 3,
+    interval: int = 1,
+    lowest: int = 0,
+    highest: int | None = None,
+    formula: str = "task_vector",
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> PrunePlan:
     """Layer Collapse (LaCo, arXiv 2402.11187): merge the ``m`` layers after layer l into l (RDSC).
 
     Follows the published loop: l starts at ``highest - (m + 1)`` (``highest`` defaults to L-1, so the top
@@ -529,8 +629,10 @@ def laco_plan(model: Any, tokenizer: Any, token_lists: list[list[int]], threshol
         raise PlanError(f"LaCo's interval must be a positive integer (got {interval!r}).")
     highest = n - 1 if highest is None else highest
     if not 0 <= lowest <= highest < n:
-        raise PlanError(f"LaCo's layer range lowest={lowest}, highest={highest} must satisfy "
-                        f"0 <= lowest <= highest <= {n - 1}.")
+        raise PlanError(
+            f"LaCo's layer range lowest={lowest}, highest={highest} must satisfy "
+            f"0 <= lowest <= highest <= {n - 1}."
+        )
     check_mergeable(model)
     ref = _FinalStates(model, tokenizer, token_lists, batch_size)
     slots: list[tuple[int, ...]] = [(i,) for i in range(n)]
@@ -539,7 +641,7 @@ def laco_plan(model: Any, tokenizer: Any, token_lists: list[list[int]], threshol
     trace: list[dict[str, Any]] = []
     while lay >= lowest:
         k = min(m, len(slots) - lay - 1)
-        cand = [*slots[:lay], tuple(i for s in slots[lay:lay + k + 1] for i in s), *slots[lay + k + 1:]]
+        cand = [*slots[:lay], tuple(i for s in slots[lay : lay + k + 1] for i in s), *slots[lay + k + 1 :]]
         plan = _merge_plan(n, cand, formula, "laco", {})
         s = ref.similarity(apply_plan(model, plan))
         trace.append({"base": slots[lay][0], "group": list(cand[lay]), "similarity": s, "accepted": s >= t})
@@ -552,15 +654,30 @@ def laco_plan(model: Any, tokenizer: Any, token_lists: list[list[int]], threshol
             lay -= 1
         if progress:
             progress(min(total - max(lay - lowest + 1, 0), total), total, f"LaCo: similarity {s:.4f}")
-    params = {"threshold": t, "m": m, "interval": interval, "lowest": lowest, "highest": highest,
-              "samples": len(token_lists), "trace": trace}
+    params = {
+        "threshold": t,
+        "m": m,
+        "interval": interval,
+        "lowest": lowest,
+        "highest": highest,
+        "samples": len(token_lists),
+        "trace": trace,
+    }
     return _merge_plan(n, [s for s in slots if len(s) > 1], formula, "laco", params)
 
 
 # -- the dispatcher --------------------------------------------------------------------------------------
-def make_plan(strategy: str, report: LayerReport | None = None, *, ratio: float | None = None,
-              n: int | None = None, threshold: float | None = None, layers: Sequence[int] | None = None,
-              seed: int = 0, **kw: Any) -> PrunePlan:
+def make_plan(
+    strategy: str,
+    report: LayerReport | None = None,
+    *,
+    ratio: float | None = None,
+    n: int | None = None,
+    threshold: float | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    **kw: Any,
+) -> PrunePlan:
     """A plan from a strategy name (see module docstring).
 
     ``ratio`` (k = round(ratio * L)) or ``n`` choose how many layers go; ``threshold`` drives ``slm`` /
@@ -575,7 +692,9 @@ def make_plan(strategy: str, report: LayerReport | None = None, *, ratio: float 
     num_layers = kw.pop("num_layers", None)
     if report is not None:
         if num_layers is not None and num_layers != report.num_layers:
-            raise PlanError(f"num_layers={num_layers} does not match the report's {report.num_layers} layers.")
+            raise PlanError(
+                f"num_layers={num_layers} does not match the report's {report.num_layers} layers."
+            )
         num_layers = report.num_layers
     model = kw.pop("model", None)
     if num_layers is None and model is not None:
@@ -595,8 +714,9 @@ def make_plan(strategy: str, report: LayerReport | None = None, *, ratio: float 
         if merge:
             if layers:
                 raise PlanError("Give either layers to remove or merge groups, not both.")
-            return PrunePlan(L, "merge", merge=tuple(tuple(g) for g in merge), merge_formula=formula,
-                             strategy="manual")
+            return PrunePlan(
+                L, "merge", merge=tuple(tuple(g) for g in merge), merge_formula=formula, strategy="manual"
+            )
         if layers is None:
             raise PlanError("The manual strategy needs the layers to remove, e.g. --remove 3,5,7.")
         return PrunePlan(L, "remove", remove=tuple(layers), strategy="manual")
@@ -611,20 +731,37 @@ def make_plan(strategy: str, report: LayerReport | None = None, *, ratio: float 
             if threshold is None:
                 raise PlanError("SLM with the output criterion needs a similarity threshold.")
             if model is None or "token_lists" not in kw:
-                raise PlanError("SLM with the output criterion probes the model with forward passes; pass model, "
-                                 "tokenizer and token_lists (or use slm_output_plan).")
-            return slm_output_plan(model, kw.pop("tokenizer", None), kw.pop("token_lists"), threshold,
-                                   keep_last=keep_last, formula=formula, **kw)
+                raise PlanError(
+                    "SLM with the output criterion probes the model with forward passes; pass model, "
+                    "tokenizer and token_lists (or use slm_output_plan)."
+                )
+            return slm_output_plan(
+                model,
+                kw.pop("tokenizer", None),
+                kw.pop("token_lists"),
+                threshold,
+                keep_last=keep_last,
+                formula=formula,
+                **kw,
+            )
         _no_extra(strategy, kw)
-        return slm_plan(_need_report(strategy, report), threshold, target_ratio=ratio, criterion=criterion,
-                        keep_last=keep_last, formula=formula)
+        return slm_plan(
+            _need_report(strategy, report),
+            threshold,
+            target_ratio=ratio,
+            criterion=criterion,
+            keep_last=keep_last,
+            formula=formula,
+        )
 
     if strategy == "laco":
         if threshold is None:
             raise PlanError("LaCo needs a similarity threshold (e.g. 0.9).")
         if model is None or "token_lists" not in kw:
-            raise PlanError("LaCo probes the model with forward passes; pass model, tokenizer and token_lists "
-                            "(or use laco_plan).")
+            raise PlanError(
+                "LaCo probes the model with forward passes; pass model, tokenizer and token_lists "
+                "(or use laco_plan)."
+            )
         return laco_plan(model, kw.pop("tokenizer", None), kw.pop("token_lists"), threshold, **kw)
 
     _no_extra(strategy, kw)

@@ -112,13 +112,23 @@ def span_of(plan: PrunePlan) -> tuple[int, int]:
     """(start, n) of a plan that removes one contiguous span (or merges one group)."""
     idx = list(plan.remove) if plan.method == "remove" else [i for g in plan.merge for i in g]
     if not idx or idx != list(range(idx[0], idx[0] + len(idx))):
-        raise PlanError("LLM-Streamline replaces one contiguous span of layers; make the plan with "
-                        "--strategy streamline (or block) so the removed layers are consecutive.")
+        raise PlanError(
+            "LLM-Streamline replaces one contiguous span of layers; make the plan with "
+            "--strategy streamline (or block) so the removed layers are consecutive."
+        )
     return idx[0], len(idx)
 
 
-def collect_span_data(model: nn.Module, tokenizer: Any, token_lists: list[list[int]], start: int, n: int, *,
-                      batch_size: int = 8, max_tokens: int | None = 200_000) -> list[_SpanBatch]:
+def collect_span_data(
+    model: nn.Module,
+    tokenizer: Any,
+    token_lists: list[list[int]],
+    start: int,
+    n: int,
+    *,
+    batch_size: int = 8,
+    max_tokens: int | None = 200_000,
+) -> list[_SpanBatch]:
     """Input h_start and output h_{start+n} of the span, plus layer ``start``'s call arguments, per batch.
 
     The forward pass stops right after the span, so later layers cost nothing. At most ``max_tokens``
@@ -157,8 +167,11 @@ def collect_span_data(model: nn.Module, tokenizer: Any, token_lists: list[list[i
                 captured.clear()
                 with contextlib.suppress(_Stop):
                     model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-                out.append(_SpanBatch(captured["x"], captured["y"], b.attention_mask, captured["args"],
-                                      captured["kwargs"]))
+                out.append(
+                    _SpanBatch(
+                        captured["x"], captured["y"], b.attention_mask, captured["args"], captured["kwargs"]
+                    )
+                )
                 tokens += b.num_tokens
                 if max_tokens is not None and tokens >= max_tokens:
                     break
@@ -183,11 +196,14 @@ def _attention_output_projection(model: nn.Module, layer: nn.Module) -> nn.Modul
     if found is None:
         raise UnsupportedArchitectureError(
             f"Cannot find the attention output projection of model type '{model.config.model_type}'; use "
-            "the 'layer' replacement instead of 'ffn'.")
+            "the 'layer' replacement instead of 'ffn'."
+        )
     return found
 
 
-def build_replacement(model: nn.Module, start: int, kind: str = "ffn") -> tuple[nn.Module, list[nn.Parameter]]:
+def build_replacement(
+    model: nn.Module, start: int, kind: str = "ffn"
+) -> tuple[nn.Module, list[nn.Parameter]]:
     """A float32 copy of layer ``start`` ready to train, and its trainable parameters."""
     if kind not in KINDS:
         raise PlanError(f"Unknown replacement kind '{kind}'; use one of {', '.join(KINDS)}.")
@@ -224,7 +240,8 @@ def _check_attention_silent(model: nn.Module, layer: nn.Module, batch: _SpanBatc
     if seen.get("max", 1.0) != 0.0:
         raise UnsupportedArchitectureError(
             f"Zeroing the attention output of model type '{model.config.model_type}' did not silence it; "
-            "use the 'layer' replacement instead of 'ffn'.")
+            "use the 'layer' replacement instead of 'ffn'."
+        )
 
 
 def _mse(layer: nn.Module | None, data: list[_SpanBatch]) -> float:
@@ -234,31 +251,44 @@ def _mse(layer: nn.Module | None, data: list[_SpanBatch]) -> float:
             pred = b.x.float() if layer is None else b.call(layer)
             m = b.mask.to(pred.device).bool()
             diff = (pred - b.y.float())[m]
-            total += float((diff ** 2).sum())
+            total += float((diff**2).sum())
             count += diff.numel()
     return total / max(count, 1)
 
 
-def train_replacement(model: nn.Module, tokenizer: Any, token_lists: list[list[int]], plan: PrunePlan, *,
-                      kind: str = "ffn", epochs: int = 5, lr: float = 5e-4, batch_size: int = 8,
-                      time_budget: float | None = 300.0, max_tokens: int | None = 200_000, seed: int = 0,
-                      progress: Progress | None = None) -> Replacement:
+def train_replacement(
+    model: nn.Module,
+    tokenizer: Any,
+    token_lists: list[list[int]],
+    plan: PrunePlan,
+    *,
+    kind: str = "ffn",
+    epochs: int = 5,
+    lr: float = 5e-4,
+    batch_size: int = 8,
+    time_budget: float | None = 300.0,
+    max_tokens: int | None = 200_000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Replacement:
     """Train the replacement for the plan's span (MSE from h_i to h_{i+n} on non-pad tokens).
 
     Stops after ``epochs`` passes or when ``time_budget`` seconds are spent (then ``stopped`` says so).
     The model is not modified.
     """
     if plan.num_layers != layer_count(model):
-        raise PlanError(f"The plan is for a {plan.num_layers}-layer model but this model has "
-                        f"{layer_count(model)} layers.")
+        raise PlanError(
+            f"The plan is for a {plan.num_layers}-layer model but this model has {layer_count(model)} layers."
+        )
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise LayerLensError(f"--epochs must be a positive integer (got {epochs!r}).")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise LayerLensError(f"The learning rate must be a positive number (got {lr!r}).")
     start, n = span_of(plan)
     t0 = time.perf_counter()
-    data = collect_span_data(model, tokenizer, token_lists, start, n, batch_size=batch_size,
-                             max_tokens=max_tokens)
+    data = collect_span_data(
+        model, tokenizer, token_lists, start, n, batch_size=batch_size, max_tokens=max_tokens
+    )
     dtype = next(model.parameters()).dtype
     layer, trainable = build_replacement(model, start, kind)
     if kind == "ffn":
@@ -283,7 +313,7 @@ def train_replacement(model: nn.Module, tokenizer: Any, token_lists: list[list[i
                 opt.step()
                 steps += 1
                 if progress:
-                    progress(steps, total, f"epoch {epoch + 1}/{epochs}, loss {float(loss):.4g}")
+                    progress(steps, total, f"epoch {epoch + 1}/{epochs}, loss {loss.item():.4g}")
             if stopped != "done":
                 break
     for p in layer.parameters():
@@ -292,10 +322,20 @@ def train_replacement(model: nn.Module, tokenizer: Any, token_lists: list[list[i
     layer = layer.to(dtype)
     if progress and stopped != "done":
         progress(total, total, "time budget reached")
-    return Replacement(start=start, n=n, kind=kind, layer=layer, mse_removed=mse_removed, mse_initial=mse_initial,
-                       mse_final=mse_final, steps=steps, epochs=steps / max(len(data), 1),
-                       seconds=round(time.perf_counter() - t0, 3), stopped=stopped,
-                       tokens=int(sum(b.mask.sum() for b in data)))
+    return Replacement(
+        start=start,
+        n=n,
+        kind=kind,
+        layer=layer,
+        mse_removed=mse_removed,
+        mse_initial=mse_initial,
+        mse_final=mse_final,
+        steps=steps,
+        epochs=steps / max(len(data), 1),
+        seconds=round(time.perf_counter() - t0, 3),
+        stopped=stopped,
+        tokens=int(sum(b.mask.sum() for b in data)),
+    )
 
 
 def replacement_plan(plan: PrunePlan, replacement: Replacement) -> PrunePlan:
@@ -308,8 +348,14 @@ def replacement_plan(plan: PrunePlan, replacement: Replacement) -> PrunePlan:
     params = {**plan.params, "replacement": replacement.to_dict(), "removed_span": list(span)}
     if replacement.n == 1:  # one layer replaced by one layer: nothing is removed
         return PrunePlan(plan.num_layers, "remove", strategy=plan.strategy, params=params)
-    return PrunePlan(plan.num_layers, "merge", merge=(span,), merge_formula="keep_top", strategy=plan.strategy,
-                     params=params)
+    return PrunePlan(
+        plan.num_layers,
+        "merge",
+        merge=(span,),
+        merge_formula="keep_top",
+        strategy=plan.strategy,
+        params=params,
+    )
 
 
 def apply_replacement(model: nn.Module, plan: PrunePlan, replacement: Replacement) -> nn.Module:

@@ -39,10 +39,22 @@ from .errors import PlanError, UnsupportedArchitectureError
 from .plans import PrunePlan
 
 # Config lists that may happen to have length L but are not per layer.
-_NOT_PER_LAYER = frozenset({
-    "architectures", "eos_token_id", "bos_token_id", "pad_token_id", "bad_words_ids", "suppress_tokens",
-    "begin_suppress_tokens", "forced_decoder_ids", "label2id", "id2label", "auto_map", "task_specific_params",
-})
+_NOT_PER_LAYER = frozenset(
+    {
+        "architectures",
+        "eos_token_id",
+        "bos_token_id",
+        "pad_token_id",
+        "bad_words_ids",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "forced_decoder_ids",
+        "label2id",
+        "id2label",
+        "auto_map",
+        "task_specific_params",
+    }
+)
 _LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -124,8 +136,10 @@ def check_mergeable(model: nn.Module) -> None:
     except UnsupportedArchitectureError as exc:
         raise PlanError(str(exc)) from exc
     if not any(True for part in parts for _ in part.parameters()):
-        raise PlanError(f"Layers of model type '{model.config.model_type}' have no attention or MLP weights "
-                        "to merge; use layer removal instead.")
+        raise PlanError(
+            f"Layers of model type '{model.config.model_type}' have no attention or MLP weights "
+            "to merge; use layer removal instead."
+        )
 
 
 def merge_tensors(tensors: list[torch.Tensor], formula: str) -> torch.Tensor:
@@ -166,8 +180,10 @@ def merged_layer(model: nn.Module, group: tuple[int, ...], formula: str) -> nn.M
                 if param is None:
                     continue
                 tensors = [src[p_idx].get_submodule(sub_name)._parameters[pname] for src in sources]
-                sub._parameters[pname] = nn.Parameter(merge_tensors(tensors, formula),  # type: ignore
-                                                      requires_grad=param.requires_grad)
+                sub._parameters[pname] = nn.Parameter(
+                    merge_tensors(tensors, formula),  # type: ignore
+                    requires_grad=param.requires_grad,
+                )
     return base
 
 
@@ -178,18 +194,31 @@ def _layer_count_field(config: Any, adapter: ArchAdapter) -> str:
     for f in _LAYER_COUNT_FIELDS:
         if isinstance(getattr(config, f, None), int):
             return f
-    raise PlanError(f"The config of model type '{getattr(config, 'model_type', '?')}' has no layer count "
-                    "field to update.")
+    raise PlanError(
+        f"The config of model type '{getattr(config, 'model_type', '?')}' has no layer count field to update."
+    )
 
 
-def config_changes(config: Any, adapter: ArchAdapter, kept: tuple[int, ...], num_layers: int) -> dict[str, Any]:
+def config_changes(
+    config: Any, adapter: ArchAdapter, kept: tuple[int, ...], num_layers: int
+) -> dict[str, Any]:
     """Field -> new value: the layer count, and every per-layer list reindexed by ``kept``."""
     changes: dict[str, Any] = {_layer_count_field(config, adapter): len(kept)}
-    names = [k for k, v in vars(config).items()
-             if not k.startswith("_") and k not in _NOT_PER_LAYER and isinstance(v, (list, tuple))
-             and len(v) == num_layers]
-    names += [k for k in adapter.per_layer_fields if k not in names
-              and isinstance(getattr(config, k, None), (list, tuple)) and len(getattr(config, k)) == num_layers]
+    names = [
+        k
+        for k, v in vars(config).items()
+        if not k.startswith("_")
+        and k not in _NOT_PER_LAYER
+        and isinstance(v, (list, tuple))
+        and len(v) == num_layers
+    ]
+    names += [
+        k
+        for k in adapter.per_layer_fields
+        if k not in names
+        and isinstance(getattr(config, k, None), (list, tuple))
+        and len(getattr(config, k)) == num_layers
+    ]
     for k in names:
         v = getattr(config, k)
         changes[k] = type(v)(v[i] for i in kept) if isinstance(v, tuple) else [v[i] for i in kept]
@@ -214,15 +243,22 @@ def _prepare(model: nn.Module, plan: PrunePlan) -> tuple[ArchAdapter, nn.ModuleL
     adapter = adapter_for(model)
     layers = decoder_layers(model)
     if plan.num_layers != len(layers):
-        raise PlanError(f"The plan is for a {plan.num_layers}-layer model but this model has {len(layers)} "
-                        "layers; make the plan from this model's report.")
+        raise PlanError(
+            f"The plan is for a {plan.num_layers}-layer model but this model has {len(layers)} "
+            "layers; make the plan from this model's report."
+        )
     if plan.merge:
         check_mergeable(model)
     return adapter, layers
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan, *, replacements: dict[int, nn.Module] | None = None,
-               copy_weights: bool = False) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: PrunePlan,
+    *,
+    replacements: dict[int, nn.Module] | None = None,
+    copy_weights: bool = False,
+) -> nn.Module:
     """A NEW pruned model (see module docstring); the input is never mutated. Same device and dtype.
 
     ``replacements`` maps a merge group's base index to a ready-made layer used instead of the formula
@@ -233,7 +269,9 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, replacements: dict[int, nn.
     bases = plan.merge_bases
     unknown = set(replacements) - set(bases)
     if unknown:
-        raise PlanError(f"Replacement(s) for layer(s) {sorted(unknown)} do not start a merge group of the plan.")
+        raise PlanError(
+            f"Replacement(s) for layer(s) {sorted(unknown)} do not start a merge group of the plan."
+        )
     old_configs = _configs_of(model)
     changes = config_changes(model.config, adapter, plan.kept_layers, plan.num_layers)
     new_configs = {}
@@ -278,10 +316,15 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
     """
     adapter, layers = _prepare(model, plan)
     bases = plan.merge_bases
-    new_list = nn.ModuleList([merged_layer(model, bases[old], plan.merge_formula) if old in bases
-                              else layers[old] for old in plan.kept_layers])
-    saved_idx = [(m, m.__dict__["layer_idx"]) for m in layers.modules()
-                 if isinstance(m.__dict__.get("layer_idx"), int)]
+    new_list = nn.ModuleList(
+        [
+            merged_layer(model, bases[old], plan.merge_formula) if old in bases else layers[old]
+            for old in plan.kept_layers
+        ]
+    )
+    saved_idx = [
+        (m, m.__dict__["layer_idx"]) for m in layers.modules() if isinstance(m.__dict__.get("layer_idx"), int)
+    ]
     changes = config_changes(model.config, adapter, plan.kept_layers, plan.num_layers)
     saved_cfg = [(c, {k: getattr(c, k) for k in changes if hasattr(c, k)}) for c in _configs_of(model)]
     try:

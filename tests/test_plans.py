@@ -37,16 +37,26 @@ def synthetic_report(num_layers: int = 8, seed: int = 0, ties: bool = False) -> 
     if ties:
         bi = np.round(bi, 1)
         mag = np.round(mag, 1)
-    block = [[math.acos(max(-1.0, min(1.0, cos[i, i + n]))) / math.pi for i in range(num_layers - n + 1)]
-             for n in range(1, num_layers + 1)]
-    return LayerReport(num_layers=num_layers, bi=tuple(bi), cosine=tuple(map(tuple, cos)),
-                       cka=tuple(map(tuple, cka)), cka_estimator="exact", block_distance=tuple(map(tuple, block)),
-                       magnitude=tuple(mag))
+    block = [
+        [math.acos(max(-1.0, min(1.0, cos[i, i + n]))) / math.pi for i in range(num_layers - n + 1)]
+        for n in range(1, num_layers + 1)
+    ]
+    return LayerReport(
+        num_layers=num_layers,
+        bi=tuple(bi),
+        cosine=tuple(map(tuple, cos)),
+        cka=tuple(map(tuple, cka)),
+        cka_estimator="exact",
+        block_distance=tuple(map(tuple, block)),
+        magnitude=tuple(mag),
+    )
 
 
 # -- PrunePlan ---------------------------------------------------------------------------------------------
 def test_plan_basics_and_json_round_trip():
-    p = PrunePlan(num_layers=8, method="remove", remove=[5, 1, 3], strategy="bi", params={"target_ratio": 0.4})
+    p = PrunePlan(
+        num_layers=8, method="remove", remove=[5, 1, 3], strategy="bi", params={"target_ratio": 0.4}
+    )
     assert p.remove == (1, 3, 5) and p.n_removed == 3 and p.ratio == 3 / 8
     assert p.kept_layers == (0, 2, 4, 6, 7)
     assert p.layer_map == {0: 0, 1: None, 2: 1, 3: None, 4: 2, 5: None, 6: 3, 7: 4}
@@ -63,30 +73,46 @@ def test_merge_plan_views_and_summary():
     assert p.removed_layers == (2, 6, 7) and p.n_removed == 3 and p.kept_layers == (0, 1, 3, 4, 5)
     assert p.layer_map[5] == 4 and p.layer_map[6] is None
     s = plan_summary(p)
-    assert [r["status"] for r in s] == ["kept", "merged", "merged", "kept", "kept", "merged", "merged", "merged"]
+    assert [r["status"] for r in s] == [
+        "kept",
+        "merged",
+        "merged",
+        "kept",
+        "kept",
+        "merged",
+        "merged",
+        "merged",
+    ]
     assert [r["into"] for r in s] == [None, 1, 1, None, None, 5, 5, 5]
     assert [r["new_index"] for r in s] == [0, 1, None, 2, 3, 4, None, None]
-    assert plan_summary(PrunePlan(4, "remove", remove=(2,)))[2] == {"layer": 2, "status": "removed", "into": None,
-                                                                    "new_index": None}
+    assert plan_summary(PrunePlan(4, "remove", remove=(2,)))[2] == {
+        "layer": 2,
+        "status": "removed",
+        "into": None,
+        "new_index": None,
+    }
     assert PrunePlan.from_dict(p.to_dict()) == p
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_layers=0, method="remove"), "empty model"),
-    (dict(num_layers=4, method="remove", remove=(0, 1, 2, 3)), "removes all 4 layers"),
-    (dict(num_layers=4, method="remove", remove=(4,)), "out of range"),
-    (dict(num_layers=4, method="remove", remove=(-1,)), "out of range"),
-    (dict(num_layers=4, method="remove", remove=(1, 1)), "listed twice"),
-    (dict(num_layers=6, method="merge", merge=((1, 3),)), "not consecutive"),
-    (dict(num_layers=6, method="merge", merge=((1, 2), (2, 3))), "overlaps"),
-    (dict(num_layers=6, method="merge", merge=((2,),)), "fewer than two"),
-    (dict(num_layers=4, method="merge", merge=((0, 1, 2, 3),)), "removes all"),  # ratio 3/4 is fine...
-    (dict(num_layers=4, method="drop"), "Unknown plan method"),
-    (dict(num_layers=4, method="remove", remove=(1,), merge=((2, 3),)), "cannot also"),
-    (dict(num_layers=4, method="remove", remove=("1",)), "not an integer"),
-    (dict(num_layers=4, method="remove", remove=(1.0,)), "not an integer"),
-    (dict(num_layers=4, method="merge", merge=((1, 2),), merge_formula="avg"), "Unknown merge formula"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_layers=0, method="remove"), "empty model"),
+        (dict(num_layers=4, method="remove", remove=(0, 1, 2, 3)), "removes all 4 layers"),
+        (dict(num_layers=4, method="remove", remove=(4,)), "out of range"),
+        (dict(num_layers=4, method="remove", remove=(-1,)), "out of range"),
+        (dict(num_layers=4, method="remove", remove=(1, 1)), "listed twice"),
+        (dict(num_layers=6, method="merge", merge=((1, 3),)), "not consecutive"),
+        (dict(num_layers=6, method="merge", merge=((1, 2), (2, 3))), "overlaps"),
+        (dict(num_layers=6, method="merge", merge=((2,),)), "fewer than two"),
+        (dict(num_layers=4, method="merge", merge=((0, 1, 2, 3),)), "removes all"),  # ratio 3/4 is fine...
+        (dict(num_layers=4, method="drop"), "Unknown plan method"),
+        (dict(num_layers=4, method="remove", remove=(1,), merge=((2, 3),)), "cannot also"),
+        (dict(num_layers=4, method="remove", remove=("1",)), "not an integer"),
+        (dict(num_layers=4, method="remove", remove=(1.0,)), "not an integer"),
+        (dict(num_layers=4, method="merge", merge=((1, 2),), merge_formula="avg"), "Unknown merge formula"),
+    ],
+)
 def test_invalid_plans_raise_one_sentence(kwargs, message):
     if kwargs.get("merge") == ((0, 1, 2, 3),):
         # merging all four into one keeps one layer: valid (ratio 0.75)
@@ -128,8 +154,9 @@ def test_ranking_strategies_match_numpy(seed, ratio):
 
 def test_bi_ties_go_to_lower_index():
     rep = synthetic_report(6, 0)
-    flat = LayerReport(6, (0.2, 0.1, 0.1, 0.3, 0.1, 0.5), rep.cosine, rep.cka, "exact", rep.block_distance,
-                       rep.magnitude)
+    flat = LayerReport(
+        6, (0.2, 0.1, 0.1, 0.3, 0.1, 0.5), rep.cosine, rep.cka, "exact", rep.block_distance, rep.magnitude
+    )
     assert make_plan("bi", flat, n=2).remove == (1, 2)
     assert make_plan("bi", flat, n=3).remove == (1, 2, 4)
 
@@ -193,7 +220,9 @@ def test_slm_hand_made_patches():
     for a, b in ((2, 3), (2, 4), (3, 4), (5, 6)):
         cka[a, b] = cka[b, a] = 0.95
     rep = synthetic_report(L, 0)
-    rep = LayerReport(L, rep.bi, rep.cosine, tuple(map(tuple, cka)), "exact", rep.block_distance, rep.magnitude)
+    rep = LayerReport(
+        L, rep.bi, rep.cosine, tuple(map(tuple, cka)), "exact", rep.block_distance, rep.magnitude
+    )
     # keep_last: anchor 4 (output h5) vs layer 3 (h4): 0.2 -> no window; anchor 3 (h4): layers 2, 1 merge.
     assert slm_plan(rep, 0.9).merge == ((1, 2, 3),)
     # without keep_last, anchor 5 (h6) absorbs layer 4 (h5), then anchor 3 absorbs 2 and 1
@@ -213,7 +242,9 @@ def test_slm_target_ratio_finds_best_reachable_ratio(seed, target):
     # no threshold on a fine grid (nor any similarity value) gets closer to the target from below
     cka = rep.array("cka")
     grid = set(np.linspace(-1, 1, 801).tolist()) | set(cka.flatten().tolist())
-    best = max(r for r in (slm_plan(rep, float(g)).ratio for g in grid if -1 <= g <= 1) if r <= target + 1e-12)
+    best = max(
+        r for r in (slm_plan(rep, float(g)).ratio for g in grid if -1 <= g <= 1) if r <= target + 1e-12
+    )
     assert plan.ratio == pytest.approx(best)
 
 
@@ -245,11 +276,16 @@ def test_strategy_argument_errors():
 
 # -- property test -------------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(L=st.integers(0, 9), idx=st.lists(st.integers(-2, 10), max_size=10),
-       groups=st.lists(st.tuples(st.integers(-1, 9), st.integers(1, 4)), max_size=3))
+@given(
+    L=st.integers(0, 9),
+    idx=st.lists(st.integers(-2, 10), max_size=10),
+    groups=st.lists(st.tuples(st.integers(-1, 9), st.integers(1, 4)), max_size=3),
+)
 def test_plans_are_valid_or_refused(L, idx, groups):
-    for kwargs in (dict(method="remove", remove=tuple(idx)),
-                   dict(method="merge", merge=tuple(tuple(range(s, s + w)) for s, w in groups))):
+    for kwargs in (
+        dict(method="remove", remove=tuple(idx)),
+        dict(method="merge", merge=tuple(tuple(range(s, s + w)) for s, w in groups)),
+    ):
         try:
             p = PrunePlan(num_layers=L, **kwargs)
         except PlanError as exc:

@@ -48,7 +48,9 @@ def snapshot(model) -> dict:
         "params": param_hash(model),
         "layer_ids": [id(x) for x in layers],
         "list_id": id(layers),
-        "layer_idx": [(n, m.layer_idx) for n, m in model.named_modules() if isinstance(m.__dict__.get("layer_idx"), int)],
+        "layer_idx": [
+            (n, m.layer_idx) for n, m in model.named_modules() if isinstance(m.__dict__.get("layer_idx"), int)
+        ],
         "config": model.config.to_dict(),
     }
 
@@ -76,7 +78,7 @@ def reference_model(model, plan: PrunePlan):
         if not key.startswith(prefix):
             out[key] = value
             continue
-        idx, rest = key[len(prefix):].split(".", 1)
+        idx, rest = key[len(prefix) :].split(".", 1)
         idx = int(idx)
         if idx not in kept:
             continue
@@ -134,7 +136,9 @@ def test_apply_plan_every_architecture(tiny_arch, tmp_path):
         with pruned(model, plan) as same:
             assert same is model and len(decoder_layers(model)) == len(layers)
             assert torch.equal(logits(model), out)
-            assert torch.equal(model.generate(IDS, max_new_tokens=6, do_sample=False), g_cache[:, :IDS.shape[1] + 6])
+            assert torch.equal(
+                model.generate(IDS, max_new_tokens=6, do_sample=False), g_cache[:, : IDS.shape[1] + 6]
+            )
         assert snapshot(model) == before, f"{arch}: the original changed after {plan.describe()}"
 
 
@@ -159,11 +163,16 @@ def test_apply_plan_shares_weights_and_is_cheap(tiny_llama):
         if plan.method == "remove":
             assert fresh == []
         else:  # only the merged layer's attention + MLP weights are new
-            assert fresh and all(n.startswith("model.layers.1.") and ("self_attn" in n or "mlp" in n)
-                                 for n, _ in fresh)
+            assert fresh and all(
+                n.startswith("model.layers.1.") and ("self_attn" in n or "mlp" in n) for n, _ in fresh
+            )
             assert sum(p.numel() for _, p in fresh) == sum(
-                p.numel() for p in [*decoder_layers(model)[1].self_attn.parameters(),
-                                    *decoder_layers(model)[1].mlp.parameters()])
+                p.numel()
+                for p in [
+                    *decoder_layers(model)[1].self_attn.parameters(),
+                    *decoder_layers(model)[1].mlp.parameters(),
+                ]
+            )
         assert new.model.embed_tokens.weight is model.model.embed_tokens.weight
         assert all(m is not o for m, o in zip(new.modules(), model.modules(), strict=False))
 
@@ -206,8 +215,11 @@ def test_surgery_property(llama8, data):
         plan_kwargs = dict(method="remove", remove=tuple(data.draw(st.lists(st.integers(-1, 9), max_size=9))))
     else:
         starts = data.draw(st.lists(st.tuples(st.integers(0, 8), st.integers(1, 4)), max_size=3))
-        plan_kwargs = dict(method="merge", merge=tuple(tuple(range(s, s + w)) for s, w in starts),
-                           merge_formula=data.draw(st.sampled_from(["task_vector", "keep_top", "mean"])))
+        plan_kwargs = dict(
+            method="merge",
+            merge=tuple(tuple(range(s, s + w)) for s, w in starts),
+            merge_formula=data.draw(st.sampled_from(["task_vector", "keep_top", "mean"])),
+        )
     try:
         plan = PrunePlan(num_layers=data.draw(st.sampled_from([8, 8, 8, 7])), **plan_kwargs)
         new = apply_plan(model, plan)
@@ -226,8 +238,10 @@ def _ref_merge(model, low, high):
     """The published SLM/LaCo merge: deepcopy, then ``base += layer_j - base`` in place (keep_top)."""
     mc = copy.deepcopy(model)
     for cur in range(low, high + 1):
-        for part, projs in (("mlp", ("gate_proj", "down_proj", "up_proj")),
-                            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))):
+        for part, projs in (
+            ("mlp", ("gate_proj", "down_proj", "up_proj")),
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ):
             for proj in projs:
                 w = getattr(getattr(mc.model.layers[low], part), proj).weight.data
                 w.add_(getattr(getattr(model.model.layers[cur], part), proj).weight.data - w)
@@ -250,8 +264,10 @@ class _RefSim:
             return model(torch.tensor([toks]), output_hidden_states=True).hidden_states[-1]
 
     def __call__(self, model2):
-        sims = [torch.cosine_similarity(a.flatten()[None], self.final(model2, t).flatten()[None]).item()
-                for t, a in zip(self.toks, self.refs, strict=True)]
+        sims = [
+            torch.cosine_similarity(a.flatten()[None], self.final(model2, t).flatten()[None]).item()
+            for t, a in zip(self.toks, self.refs, strict=True)
+        ]
         return float(np.mean(sims))
 
 
@@ -283,7 +299,11 @@ def _ref_laco(model, toks, T, C, interval):
         tmp = _ref_merge(cur, lay, lay + k)
         if sim(tmp) >= T:
             cur = tmp
-            slots = [*slots[:lay], tuple(i for s in slots[lay:lay + k + 1] for i in s), *slots[lay + k + 1:]]
+            slots = [
+                *slots[:lay],
+                tuple(i for s in slots[lay : lay + k + 1] for i in s),
+                *slots[lay + k + 1 :],
+            ]
             lay -= interval
             if lay >= len(cur.model.layers):
                 lay = len(cur.model.layers) - 1 - C
@@ -312,7 +332,9 @@ def test_slm_output_matches_reference_script(llama8, calib, threshold):
 def test_laco_matches_reference_script(llama8, calib, threshold, C, interval):
     model = llama8.model
     groups, ref_model = _ref_laco(model, calib, threshold, C, interval)
-    plan = laco_plan(model, llama8.tokenizer, calib, threshold, m=C - 1, interval=interval, formula="keep_top")
+    plan = laco_plan(
+        model, llama8.tokenizer, calib, threshold, m=C - 1, interval=interval, formula="keep_top"
+    )
     assert [list(g) for g in plan.merge] == [list(g) for g in groups] and plan.strategy == "laco"
     torch.testing.assert_close(logits(apply_plan(model, plan)), logits(ref_model), atol=1e-5, rtol=1e-4)
 
@@ -324,3 +346,83 @@ def test_functional_criteria_refuse_bad_input(llama8, calib):
         laco_plan(llama8.model, llama8.tokenizer, calib, 0.5, m=0)
     with pytest.raises(PlanError, match="No calibration tokens"):
         laco_plan(llama8.model, llama8.tokenizer, [], 0.5)
+
+
+# -- LLM-Streamline replacement -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["ffn", "layer"])
+def test_streamline_replacement_every_architecture(tiny_arch, sample_texts, kind, tmp_path):
+    from layerlens.streamline import apply_replacement, replacement_plan, train_replacement
+
+    arch, path = tiny_arch
+    loaded = load_model(str(path), device="cpu")
+    model = loaded.model
+    before = snapshot(model)
+    toks = calibration_tokens(loaded.tokenizer, TextSet(tuple(sample_texts[:8]), "t", "t"), 8, 24)
+    plan = PrunePlan(6, "remove", remove=(2, 3, 4), strategy="streamline")
+    calls = []
+    rep = train_replacement(
+        model,
+        loaded.tokenizer,
+        toks,
+        plan,
+        kind=kind,
+        epochs=6,
+        lr=2e-3,
+        batch_size=4,
+        progress=lambda d, t, m: calls.append((d, t)),
+    )
+    assert rep.steps == 12 and calls[-1] == (12, 12) and rep.stopped == "done" and rep.tokens > 0
+    assert rep.mse_final < rep.mse_initial and rep.mse_final < rep.mse_removed
+    new = apply_replacement(model, plan, rep)
+    rplan = replacement_plan(plan, rep)
+    assert rplan.merge == ((2, 3, 4),) and rplan.params["replacement"]["kind"] == kind
+    layers = decoder_layers(new)
+    assert len(layers) == 4 and new.config.num_hidden_layers == 4
+    # inside the new model, the replacement maps h_2 to the trained prediction of h_5
+    seen = {}
+
+    def keep(name):
+        def hook(_m, _a, o):
+            seen[name] = o[0] if isinstance(o, tuple) else o
+
+        return hook
+
+    handle = layers[2].register_forward_hook(keep("y"))
+    handle2 = decoder_layers(model)[4].register_forward_hook(keep("target"))
+    ids = torch.tensor([toks[0]])
+    with torch.no_grad():
+        new(ids)
+        model(ids)
+    handle.remove()
+    handle2.remove()
+    mse = float(((seen["y"] - seen["target"]) ** 2).mean())
+    assert mse < rep.mse_removed
+    if kind == "ffn":
+        attn = adapters.get_attr(layers[2], adapter_for(model).attention)
+        h = attn.register_forward_hook(keep("attention"))
+        with torch.no_grad():
+            new(ids)
+        h.remove()
+        assert float(seen["attention"].abs().max()) == 0.0
+    new.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(logits(reloaded, ids), logits(new, ids))
+    assert torch.equal(
+        new.generate(IDS, max_new_tokens=8, do_sample=False),
+        new.generate(IDS, max_new_tokens=8, do_sample=False, use_cache=False),
+    )
+    assert snapshot(model) == before
+
+
+def test_streamline_budget_and_errors(tiny_llama, sample_texts):
+    from layerlens.streamline import train_replacement
+
+    loaded = load_model(str(tiny_llama), device="cpu")
+    toks = calibration_tokens(loaded.tokenizer, TextSet(tuple(sample_texts[:4]), "t", "t"), 4, 16)
+    plan = PrunePlan(6, "remove", remove=(3, 4))
+    rep = train_replacement(loaded.model, loaded.tokenizer, toks, plan, time_budget=0.0)
+    assert rep.steps == 0 and rep.stopped == "time budget" and rep.mse_final == rep.mse_initial
+    with pytest.raises(PlanError, match="contiguous"):
+        train_replacement(loaded.model, loaded.tokenizer, toks, PrunePlan(6, "remove", remove=(1, 3)))
+    with pytest.raises(PlanError, match="Unknown replacement kind"):
+        train_replacement(loaded.model, loaded.tokenizer, toks, plan, kind="mlp2")

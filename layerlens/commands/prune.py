@@ -41,8 +41,10 @@ def parse_indices(text: str, flag: str = "--remove") -> tuple[int, ...]:
     for part in str(text).replace(" ", "").split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise PlanError(f"{flag} takes comma-separated 0-based layer indices or inclusive ranges like "
-                            f"3,5,7 or 4-6 (got '{text}').")
+            raise PlanError(
+                f"{flag} takes comma-separated 0-based layer indices or inclusive ranges like "
+                f"3,5,7 or 4-6 (got '{text}')."
+            )
         lo = int(m.group(1))
         out.extend(range(lo, int(m.group(2) or lo) + 1))
     return tuple(out)
@@ -50,14 +52,28 @@ def parse_indices(text: str, flag: str = "--remove") -> tuple[int, ...]:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse inconsistent or out-of-range arguments with one sentence, before any work."""
-    chosen = [f for f, v in (("--remove", args.remove), ("--merge", args.merge), ("--plan", args.plan_file),
-                             ("--strategy", args.strategy)) if v]
+    chosen = [
+        f
+        for f, v in (
+            ("--remove", args.remove),
+            ("--merge", args.merge),
+            ("--plan", args.plan_file),
+            ("--strategy", args.strategy),
+        )
+        if v
+    ]
     if len(chosen) != 1:
-        raise PlanError("Choose exactly one of --remove, --merge, --plan or --strategy "
-                        f"(got {', '.join(chosen) or 'none'}).")
+        raise PlanError(
+            "Choose exactly one of --remove, --merge, --plan or --strategy "
+            f"(got {', '.join(chosen) or 'none'})."
+        )
     if args.ratio is not None and (not math.isfinite(args.ratio) or not 0.0 <= args.ratio < 1.0):
-        raise PlanError(f"--ratio {args.ratio} is outside [0, 1); give e.g. 0.25 to remove a quarter of the layers.")
-    if args.threshold is not None and (not math.isfinite(args.threshold) or not -1.0 <= args.threshold <= 1.0):
+        raise PlanError(
+            f"--ratio {args.ratio} is outside [0, 1); give e.g. 0.25 to remove a quarter of the layers."
+        )
+    if args.threshold is not None and (
+        not math.isfinite(args.threshold) or not -1.0 <= args.threshold <= 1.0
+    ):
         raise PlanError(f"--threshold {args.threshold} is outside [-1, 1]; give e.g. 0.9.")
     s = args.strategy
     if s is None:
@@ -78,7 +94,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if (args.ratio is None) == (args.n is None):
             raise PlanError(f"--strategy {s} needs exactly one of --ratio or --n.")
     if getattr(args, "replace", "none") != "none" and s != "streamline":
-        raise PlanError("--replace trains a replacement for a streamline span; use it with --strategy streamline.")
+        raise PlanError(
+            "--replace trains a replacement for a streamline span; use it with --strategy streamline."
+        )
 
 
 def _needs_report(args: argparse.Namespace) -> bool:
@@ -100,11 +118,15 @@ def _load_report(args: argparse.Namespace, loaded: Any):
         try:
             report = LayerReport.load(args.report)
         except (OSError, ValueError, KeyError) as exc:
-            raise LayerLensError(f"Could not read the report '{args.report}' ({type(exc).__name__}); pass the "
-                                 "report.json written by layerlens analyze.") from exc
+            raise LayerLensError(
+                f"Could not read the report '{args.report}' ({type(exc).__name__}); pass the "
+                "report.json written by layerlens analyze."
+            ) from exc
         if report.num_layers != loaded.info.num_layers:
-            raise PlanError(f"The report '{args.report}' is for a {report.num_layers}-layer model but the model "
-                            f"has {loaded.info.num_layers} layers; analyze this model first.")
+            raise PlanError(
+                f"The report '{args.report}' is for a {report.num_layers}-layer model but the model "
+                f"has {loaded.info.num_layers} layers; analyze this model first."
+            )
         return report
     return analyze_from_args(args, loaded)
 
@@ -119,8 +141,10 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any]:
             raise PlanError(f"Could not read the plan file '{args.plan_file}' ({exc.strerror}).") from exc
         plan = PrunePlan.from_json(text)
         if plan.num_layers != L:
-            raise PlanError(f"The plan in '{args.plan_file}' is for a {plan.num_layers}-layer model but the model "
-                            f"has {L} layers.")
+            raise PlanError(
+                f"The plan in '{args.plan_file}' is for a {plan.num_layers}-layer model but the model "
+                f"has {L} layers."
+            )
         return plan, None
     if args.remove:
         return make_plan("manual", None, layers=parse_indices(args.remove), num_layers=L), None
@@ -133,19 +157,41 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any]:
         if args.criterion == "output":
             from ..plans import slm_output_plan
 
-            plan = slm_output_plan(loaded.model, loaded.tokenizer, _token_lists(args, loaded), args.threshold,
-                                   keep_last=args.keep_last, formula=args.formula, batch_size=args.batch_size,
-                                   progress=cli_progress("slm"))
+            plan = slm_output_plan(
+                loaded.model,
+                loaded.tokenizer,
+                _token_lists(args, loaded),
+                args.threshold,
+                keep_last=args.keep_last,
+                formula=args.formula,
+                batch_size=args.batch_size,
+                progress=cli_progress("slm"),
+            )
         else:
-            plan = make_plan("slm", report, threshold=args.threshold, ratio=args.ratio, criterion=args.criterion,
-                             keep_last=args.keep_last, formula=args.formula)
+            plan = make_plan(
+                "slm",
+                report,
+                threshold=args.threshold,
+                ratio=args.ratio,
+                criterion=args.criterion,
+                keep_last=args.keep_last,
+                formula=args.formula,
+            )
         return plan, report
     if s == "laco":
         from ..plans import laco_plan
 
-        plan = laco_plan(loaded.model, loaded.tokenizer, _token_lists(args, loaded), args.threshold, m=args.laco_m,
-                         interval=args.laco_interval, formula=args.formula, batch_size=args.batch_size,
-                         progress=cli_progress("laco"))
+        plan = laco_plan(
+            loaded.model,
+            loaded.tokenizer,
+            _token_lists(args, loaded),
+            args.threshold,
+            m=args.laco_m,
+            interval=args.laco_interval,
+            formula=args.formula,
+            batch_size=args.batch_size,
+            progress=cli_progress("laco"),
+        )
         return plan, None
     return make_plan(s, report, ratio=args.ratio, n=args.n, seed=args.seed, num_layers=L), report
 
@@ -161,16 +207,19 @@ def format_plan(plan: PrunePlan) -> str:
     return "\n".join(lines)
 
 
-# -- commands --------------------------------------------------------------------------------------------------
+# -- commands ------------------------------------------------------------------------------------------
 def _check_out(out: Path, loaded: Any) -> None:
     if out.exists() and not out.is_dir():
         raise LayerLensError(f"--out '{out}' is a file; give a folder for the pruned model.")
     src = Path(loaded.info.source_path)
     if src.exists() and out.exists() and out.resolve() == src.resolve():
-        raise LayerLensError(f"--out '{out}' is the model's own folder; write the pruned model somewhere else.")
+        raise LayerLensError(
+            f"--out '{out}' is the model's own folder; write the pruned model somewhere else."
+        )
     if out.is_dir() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
-        raise LayerLensError(f"--out '{out}' exists and is not a LayerLens prune output; choose a new folder "
-                             "or delete it.")
+        raise LayerLensError(
+            f"--out '{out}' exists and is not a LayerLens prune output; choose a new folder or delete it."
+        )
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -201,20 +250,41 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.replace != "none":
         from ..streamline import apply_replacement, replacement_plan, train_replacement
 
-        replacement = train_replacement(loaded.model, loaded.tokenizer, _token_lists(args, loaded), plan,
-                                        kind=args.replace, epochs=args.epochs, lr=args.lr,
-                                        batch_size=args.batch_size, time_budget=args.train_seconds, seed=args.seed,
-                                        progress=cli_progress("streamline"))
+        replacement = train_replacement(
+            loaded.model,
+            loaded.tokenizer,
+            _token_lists(args, loaded),
+            plan,
+            kind=args.replace,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            time_budget=args.train_seconds,
+            seed=args.seed,
+            progress=cli_progress("streamline"),
+        )
         model = apply_replacement(loaded.model, plan, replacement)
         plan = replacement_plan(plan, replacement)
     else:
         model = apply_plan(loaded.model, plan)
     data_args = {k: getattr(args, k, None) for k in ("data", "samples", "seq_len", "batch_size", "seed")}
-    meta = provenance(model=loaded.info.model, revision=loaded.info.revision, model_type=loaded.info.model_type,
-                      dtype=loaded.info.dtype, device=loaded.info.device, num_layers=loaded.info.num_layers,
-                      num_layers_after=plan.num_layers_after, report_file=args.report, **data_args)
-    record = {"plan": plan.to_dict(), "summary": plan_summary(plan),
-              "report": report.to_dict() if report is not None else None, "meta": meta}
+    meta = provenance(
+        model=loaded.info.model,
+        revision=loaded.info.revision,
+        model_type=loaded.info.model_type,
+        dtype=loaded.info.dtype,
+        device=loaded.info.device,
+        num_layers=loaded.info.num_layers,
+        num_layers_after=plan.num_layers_after,
+        report_file=args.report,
+        **data_args,
+    )
+    record = {
+        "plan": plan.to_dict(),
+        "summary": plan_summary(plan),
+        "report": report.to_dict() if report is not None else None,
+        "meta": meta,
+    }
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
@@ -224,9 +294,12 @@ def run_prune(args: argparse.Namespace) -> int:
     atomic_write_json(runs / "prune" / f"{key}.json", {**record, "out": str(out)})
     print(format_plan(plan))
     if replacement is not None:
-        print(f"replacement ({replacement.kind}) for layers {replacement.start}..{replacement.start + replacement.n - 1}:"
-              f" MSE {replacement.mse_final:.4g} (plain removal {replacement.mse_removed:.4g}), "
-              f"{replacement.steps} steps in {replacement.seconds} s ({replacement.stopped})")
+        print(
+            f"replacement ({replacement.kind}) for layers "
+            f"{replacement.start}..{replacement.start + replacement.n - 1}:"
+            f" MSE {replacement.mse_final:.4g} (plain removal {replacement.mse_removed:.4g}), "
+            f"{replacement.steps} steps in {replacement.seconds} s ({replacement.stopped})"
+        )
     print(f"wrote {out} ({plan.num_layers_after} layers)")
     return 0
 
@@ -234,25 +307,54 @@ def run_prune(args: argparse.Namespace) -> int:
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan (0-based layer indices)")
     g.add_argument("--remove", default=None, help="layers to remove, e.g. 3,5,7 or 4-6 (inclusive)")
-    g.add_argument("--merge", action="append", default=None,
-                   help="a group of consecutive layers to merge into one, e.g. 4-6; repeat for more groups")
-    g.add_argument("--plan", dest="plan_file", default=None,
-                   help="a plan JSON (from `layerlens plan --json` or a layerlens_plan.json)")
+    g.add_argument(
+        "--merge",
+        action="append",
+        default=None,
+        help="a group of consecutive layers to merge into one, e.g. 4-6; repeat for more groups",
+    )
+    g.add_argument(
+        "--plan",
+        dest="plan_file",
+        default=None,
+        help="a plan JSON (from `layerlens plan --json` or a layerlens_plan.json)",
+    )
     g.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "manual"], default=None)
-    g.add_argument("--ratio", type=float, default=None,
-                   help="fraction of layers to remove, in [0, 1): k = round(ratio * L); for slm a target ratio")
+    g.add_argument(
+        "--ratio",
+        type=float,
+        default=None,
+        help="fraction of layers to remove, in [0, 1): k = round(ratio * L); for slm a target ratio",
+    )
     g.add_argument("--n", type=int, default=None, help="number of layers to remove (instead of --ratio)")
-    g.add_argument("--threshold", type=float, default=None, help="similarity threshold in [-1, 1] (slm, laco)")
-    g.add_argument("--criterion", choices=SLM_CRITERIA, default="cka",
-                   help="slm similarity: cka/cosine from the report (instant) or output (forward passes)")
-    g.add_argument("--formula", choices=MERGE_FORMULAS, default="task_vector",
-                   help="merge: task_vector (paper formula), keep_top (what the published code computes), mean")
-    g.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="slm: never merge the last layer (default on, as the reference code)")
+    g.add_argument(
+        "--threshold", type=float, default=None, help="similarity threshold in [-1, 1] (slm, laco)"
+    )
+    g.add_argument(
+        "--criterion",
+        choices=SLM_CRITERIA,
+        default="cka",
+        help="slm similarity: cka/cosine from the report (instant) or output (forward passes)",
+    )
+    g.add_argument(
+        "--formula",
+        choices=MERGE_FORMULAS,
+        default="task_vector",
+        help="merge: task_vector (paper formula), keep_top (what the published code computes), mean",
+    )
+    g.add_argument(
+        "--keep-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="slm: never merge the last layer (default on, as the reference code)",
+    )
     g.add_argument("--laco-m", type=int, default=3, help="laco: layers merged into each base layer")
     g.add_argument("--laco-interval", type=int, default=1, help="laco: step down after a merge")
-    g.add_argument("--report", default=None,
-                   help="reuse a report.json from `layerlens analyze` instead of analysing again")
+    g.add_argument(
+        "--report",
+        default=None,
+        help="reuse a report.json from `layerlens analyze` instead of analysing again",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -262,9 +364,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runs_arg(p)
     _add_plan_args(p)
     g = p.add_argument_group("LLM-Streamline replacement (with --strategy streamline)")
-    g.add_argument("--replace", choices=["none", "ffn", "layer"], default="none",
-                   help="train one layer to replace the span: ffn (an MLP, as a layer with silent attention) "
-                        "or layer (a full decoder layer); both initialised from the span's first layer")
+    g.add_argument(
+        "--replace",
+        choices=["none", "ffn", "layer"],
+        default="none",
+        help="train one layer to replace the span: ffn (an MLP, as a layer with silent attention) "
+        "or layer (a full decoder layer); both initialised from the span's first layer",
+    )
     g.add_argument("--train-seconds", type=float, default=300.0, help="time budget for the replacement")
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--lr", type=float, default=5e-4)
