@@ -48,7 +48,7 @@ with st.container(border=True):
     b2.caption("Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep again "
                "resumes where it stopped.")
 
-plan = ss.get(ui.SS_PLAN)
+plan = ui.current_plan(report)
 settings = ui.current_settings()
 sweep_key = ui.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
                          int(per_subject) if use_mmlu else 0,

@@ -32,7 +32,7 @@ st.title("💾 Export")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))
 ss = st.session_state
-plan = ss.get(ui.SS_PLAN)
+plan = ui.current_plan(report)
 pruned = ss.get(ui.SS_PRUNED)
 sweep_state = ss.get(ui.SS_SWEEP)
 sweep_frame = sweep_state[1] if sweep_state else None

@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from layerlens.dashboard_state import build_plan, params_after, plan_reason, to_query
+from layerlens.dashboard_state import params_after, plan_reason, to_query
 from layerlens.plans import plan_summary
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
 from pages import _ui as ui
@@ -22,12 +22,7 @@ with ui.guarded("loading the model"):
 if shared is None:
     st.stop()
 
-plan = ss.get(ui.SS_PLAN)
-if plan is None or plan.num_layers != report.num_layers:
-    plan = None
-    with ui.guarded("building the plan from the link"):
-        plan = build_plan(report, ui.plan_settings())
-        ss[ui.SS_PLAN] = plan
+plan = ui.current_plan(report)
 if plan is None:
     st.stop()
 

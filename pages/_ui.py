@@ -578,3 +578,17 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
                       state="complete", expanded=False)
     atomic_write_text(_sweep_csv(key), frame.to_csv(index=False))
     return frame
+
+
+def current_plan(report: Any) -> Any | None:
+    """The session's plan; built from the plan settings (defaults or a share link) when none exists yet."""
+    from layerlens.dashboard_state import build_plan
+
+    plan = st.session_state.get(SS_PLAN)
+    if plan is not None and plan.num_layers == report.num_layers:
+        return plan
+    plan = None
+    with guarded("building the plan"):
+        plan = build_plan(report, plan_settings())
+        st.session_state[SS_PLAN] = plan
+    return plan

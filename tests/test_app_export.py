@@ -1,0 +1,75 @@
+"""AppTest: Export page (pruned model in transformers format + plan JSON; downloads; HTML report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
+    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield AppTest.from_file(APP, default_timeout=180)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _download_labels(at) -> list[str]:
+    return [b.proto.label for b in at.get("download_button")]
+
+
+def test_export_without_pruned_model_offers_data_and_report(app):
+    app.switch_page("pages/5_export.py").run()
+    assert not app.exception and not app.error
+    assert any("No pruned model" in i.value for i in app.info)
+    labels = _download_labels(app)
+    for want in ("Report (JSON)", "Per-layer metrics (CSV)", "Cosine matrix (CSV)", "CKA matrix (CSV)",
+                 "Current plan (JSON)", "Download the HTML report"):
+        assert want in labels
+    assert labels.count("HTML") >= 4  # one per figure
+
+
+def test_save_pruned_model_reloads_with_transformers(app, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    app.switch_page("pages/3_prune.py").run()
+    app.slider(key="pr_ratio").set_value(0.5).run()
+    app.button(key="pr_apply").click().run()
+    app.switch_page("pages/5_export.py").run()
+    app.text_input(key="ex_name").set_value("my pruned/../model").run()  # sanitised to one folder name
+    app.button(key="ex_save_model").click().run()
+    assert not app.exception and not app.error
+    folder = next((tmp_path / "runs" / "exports").iterdir())
+    assert folder.parent == tmp_path / "runs" / "exports" and "/" not in folder.name
+    doc = json.loads((folder / "layerlens_plan.json").read_text())
+    assert doc["plan"]["n_removed"] == 3 and doc["meta"]["layerlens_version"]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 3
+    assert "Download the saved model (.zip)" in _download_labels(app)
+
+
+def test_html_report_has_figures_and_provenance(app):
+    from layerlens.dashboard_state import PlanSettings, build_plan, plan_reason
+    from layerlens.report_html import build_report_html
+
+    app.run()
+    report = app.session_state["ll_report"]
+    plan = build_plan(report, PlanSettings(mode="strategy", strategy="bi", ratio=0.34))
+    html = build_report_html(report, plan=plan, model_info=app.session_state["ll_model_info"],
+                             quick={"perplexity": 12.0, "tokens_per_s": 20.0, "windows": 4, "seq_len": 128},
+                             original={"perplexity": 10.0, "tokens_per_s": 15.0}, reason=plan_reason(report, plan),
+                             params_before=1000, params_after=800)
+    assert html.count("Plotly.newPlot") == 4  # bars, 2 heatmaps, plan strip
+    assert html.count("<script type=\"text/javascript\">/**") <= 1  # plotly.js embedded once
+    for want in ("Provenance", "What is removed and why", "layerlens_version", "git commit", "Block Influence",
+                 "seq_len", "12.00"):
+        assert want in html

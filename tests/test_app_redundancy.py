@@ -1,0 +1,94 @@
+"""AppTest: Redundancy page (bars, heatmaps with run outlines; sliders never recompute the metrics)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
+    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.switch_page("pages/2_redundancy.py")
+    yield at
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _figs(at) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def _array(v) -> np.ndarray:
+    """A plotly JSON array: a plain list, or plotly 6+'s typed array {dtype, bdata, shape}."""
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        shape = [int(x) for x in str(v.get("shape", len(a))).split(",")]
+        return a.reshape(shape)
+    return np.asarray(v)
+
+
+def test_opens_with_bars_and_heatmaps_of_shape_layers_plus_one(app):
+    app.run()
+    assert not app.exception and not app.error
+    figs = _figs(app)
+    assert len(figs) == 3  # BI bars, cosine, CKA
+    bar, cos, cka = figs
+    assert bar["data"][0]["type"] == "bar" and len(_array(bar["data"][0]["x"])) == 6
+    for heat in (cos, cka):
+        z = _array(heat["data"][0]["z"])
+        assert heat["data"][0]["type"] == "heatmap"
+        assert z.shape == (7, 7)  # layers + 1 states
+        assert np.allclose(np.diag(z), 1.0, atol=1e-4)
+        assert heat["layout"]["title"]["text"] and "0-based" in heat["layout"]["xaxis"]["title"]["text"]
+    assert app.slider(key="rd_threshold").value == pytest.approx(0.9)
+    assert app.radio(key="rd_metric").value == "bi"
+
+
+def test_threshold_slider_outlines_runs_without_recomputing(app, monkeypatch):
+    app.run()
+    import layerlens.metrics
+
+    def boom(*a, **k):
+        raise AssertionError("metrics recomputed on a slider move")
+
+    monkeypatch.setattr(layerlens.metrics, "analyze", boom)
+    timings = []
+    for value in (0.5, 0.99, 0.5):
+        t = time.perf_counter()
+        app.slider(key="rd_threshold").set_value(value).run()
+        timings.append(time.perf_counter() - t)
+        assert not app.exception and not app.error
+    shapes_low = _figs(app)[1]["layout"].get("shapes", [])
+    assert shapes_low, "a low threshold outlines at least one run"
+    assert all(s["line"]["color"] == "red" for s in shapes_low)
+    assert any("runs ≥ 0.50" in c.value for c in app.caption)
+    print(f"threshold slider re-render: {[f'{t * 1000:.0f} ms' for t in timings]}")
+    assert min(timings) < 2.0
+
+
+def test_metric_switch_and_block_size(app):
+    app.run()
+    app.radio(key="rd_metric").set_value("block_distance").run()
+    assert not app.exception
+    app.slider(key="rd_block").set_value(3).run()
+    bar = _figs(app)[0]
+    assert len(_array(bar["data"][0]["x"])) == 4  # 6 layers, blocks of 3
+    assert "3-layer block" in bar["layout"]["xaxis"]["title"]["text"]
+    app.radio(key="rd_metric").set_value("magnitude").run()
+    assert "Magnitude" in _figs(app)[0]["layout"]["title"]["text"]
+    app.multiselect(key="rd_kinds").set_value(["cka"]).run()
+    assert len(_figs(app)) == 2

@@ -1,0 +1,87 @@
+"""AppTest: Summary page (one screen; state in the URL) and session isolation."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def env(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
+    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield tiny_llama
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_summary_shows_plan_quality_and_share_link(env):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.switch_page("pages/6_summary.py").run()
+    assert not at.exception and not at.error
+    m = _metrics(at)
+    assert m["Layers removed"] == "2 of 6"
+    assert m["Generation speed"].endswith("tok/s")
+    assert any(k.startswith("Perplexity") for k in m)
+    assert m["MMLU accuracy"] == "–"
+    assert "4 of 6 layers kept" in at.title[0].value
+    assert len(at.get("plotly_chart")) == 3  # strip, heatmap, bars
+    query = parse_qs(at.code[0].value.split("?", 1)[1])
+    assert query["strategy"] == ["bi"] and query["ratio"] == ["0.25"] and query["model"] == [str(env)]
+
+
+def test_share_link_restores_model_strategy_and_ratio(env):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"model": str(env), "samples": "6", "seq_len": "64", "mode": "strategy",
+                            "strategy": "reverse", "ratio": "0.5"})
+    at.run()  # a share link: the session starts from the URL
+    assert not at.exception and not at.error
+    at.switch_page("pages/6_summary.py").run()
+    assert not at.exception and not at.error
+    assert "3 of 6 layers kept" in at.title[0].value
+    assert any("layers 3, 4, 5" in md.value for md in at.markdown)
+    assert at.session_state["ll_report"].meta["samples"] == 6
+
+
+def test_bad_share_link_values_fall_back_to_defaults(env):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"model": str(env), "ratio": "7", "strategy": "rm -rf /", "samples": "-3",
+                            "mode": "strategy"})
+    at.run()
+    assert not at.exception and not at.error
+    at.switch_page("pages/6_summary.py").run()
+    assert not at.exception and not at.error
+    assert "4 of 6 layers kept" in at.title[0].value  # bi at 0.25
+
+
+def test_two_sessions_share_the_model_but_not_plans(env):
+    a = AppTest.from_file(APP, default_timeout=180)
+    b = AppTest.from_file(APP, default_timeout=180)
+    for at in (a, b):
+        at.switch_page("pages/3_prune.py").run()
+    a.slider(key="pr_ratio").set_value(0.5).run()
+    a.button(key="pr_apply").click().run()
+    b.radio(key="pr_mode").set_value("manual").run()
+    b.multiselect(key="pr_layers").set_value([0]).run()
+    assert _metrics(a)["Layers"] == "3 / 6" and _metrics(b)["Layers"] == "5 / 6"
+    b.run()
+    assert _metrics(b)["Layers"] == "5 / 6"
+    assert "ll_pruned" in a.session_state and "ll_pruned" not in b.session_state
+    ui = importlib.import_module("pages._ui")
+    assert a.session_state[ui.SS_PLAN].removed_layers == (3, 4, 5)
+    assert b.session_state[ui.SS_PLAN].removed_layers == (0,)
+    shared = ui._shared_model(str(env), None, "auto", "auto", False)
+    assert shared.model is not a.session_state["ll_pruned"]["model"]
