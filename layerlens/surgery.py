@@ -28,6 +28,7 @@ import contextlib
 import copy
 import functools
 import types
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,7 @@ _NOT_PER_LAYER = frozenset(
     }
 )
 _LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
+_PLAIN_CONTAINERS = (dict, OrderedDict, set)
 
 
 # -- cloning -----------------------------------------------------------------------------------------------
@@ -72,13 +74,17 @@ def _rebind(value: Any, old: nn.Module, new: nn.Module) -> Any:
 
 
 def _shallow_module(mod: nn.Module) -> nn.Module:
-    new = copy.copy(mod)
+    new = object.__new__(type(mod))
     d = new.__dict__
-    for key, value in list(d.items()):
-        if key.startswith("_") and isinstance(value, (dict, set)):
-            d[key] = copy.copy(value)  # _parameters, _buffers, _modules, hook dicts: own containers
-        else:
+    d.update(mod.__dict__)
+    for key, value in d.items():
+        kind = type(value)
+        if kind in _PLAIN_CONTAINERS:  # _parameters, _buffers, _modules, hook dicts: own containers
+            d[key] = kind(value)
+        elif kind is types.MethodType or kind is functools.partial:
             d[key] = _rebind(value, mod, new)
+        elif key.startswith("_") and isinstance(value, (dict, set)):
+            d[key] = copy.copy(value)
     return new
 
 

@@ -426,3 +426,50 @@ def test_streamline_budget_and_errors(tiny_llama, sample_texts):
         train_replacement(loaded.model, loaded.tokenizer, toks, PrunePlan(6, "remove", remove=(1, 3)))
     with pytest.raises(PlanError, match="Unknown replacement kind"):
         train_replacement(loaded.model, loaded.tokenizer, toks, plan, kind="mlp2")
+
+
+def test_accelerate_hooks_follow_the_clone(tiny_llama):
+    """Models dispatched by accelerate carry forward wrappers bound to each module; clones must re-bind."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = load_model(str(tiny_llama), device="cpu").model
+    seen = []
+
+    class Record(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append(module)
+            return args, kwargs
+
+    for layer in decoder_layers(model):
+        add_hook_to_module(layer, Record())
+    expected = logits(model)
+    seen.clear()
+    new = apply_plan(model, PrunePlan(6, "remove", remove=(0,)))
+    out = logits(new)
+    assert seen == list(decoder_layers(new))  # the hooks ran on the new model's own layers
+    torch.testing.assert_close(out, logits(reference_model(model, PrunePlan(6, "remove", remove=(0,)))))
+    seen.clear()
+    assert torch.equal(logits(model), expected) and seen == list(decoder_layers(model))
+
+
+def test_dtype_kept_and_every_per_layer_list_reindexed(tiny_model_factory):
+    loaded = load_model(str(tiny_model_factory("qwen3")), device="cpu", dtype="bfloat16")
+    model = loaded.model
+    model.config.my_per_layer_scale = [
+        0.0,
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+        5.0,
+    ]  # any list of length L follows the layers
+    plan = PrunePlan(6, "merge", merge=((1, 2), (3, 4, 5)), merge_formula="task_vector")
+    new = apply_plan(model, plan)
+    assert new.config.my_per_layer_scale == [0.0, 1.0, 3.0] and model.config.my_per_layer_scale[3] == 3.0
+    assert {p.dtype for p in new.parameters()} == {torch.bfloat16}
+    src = [decoder_layers(model)[i].self_attn.q_proj.weight.double() for i in (3, 4, 5)]
+    expect = (src[0] + (src[1] - src[0]) + (src[2] - src[0])).to(torch.bfloat16)
+    assert torch.equal(decoder_layers(new)[2].self_attn.q_proj.weight, expect)
+    # q_norm / k_norm are norms inside the attention: they keep the base's
+    assert decoder_layers(new)[2].self_attn.q_norm.weight is decoder_layers(model)[3].self_attn.q_norm.weight
+    assert torch.isfinite(logits(new)).all()
