@@ -101,7 +101,9 @@ class PrunePlan:
             groups.append(tuple(_as_index(i, "a merge group") for i in g))
         object.__setattr__(self, "remove", remove)
         object.__setattr__(self, "merge", tuple(groups))
-        object.__setattr__(self, "params", dict(self.params))
+        if not isinstance(self.params, dict):
+            raise PlanError("params must be a dict of strategy parameters.")
+        object.__setattr__(self, "params", _jsonable(self.params))  # JSON-safe, so round trips compare equal
         self.validate()
         object.__setattr__(self, "remove", tuple(sorted(remove)))
         object.__setattr__(self, "merge", tuple(sorted(tuple(sorted(g)) for g in groups)))

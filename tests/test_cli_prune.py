@@ -143,6 +143,51 @@ def test_plan_json_and_slm_merge(tiny_llama, tmp_path, capsys):
     assert rec["plan"]["merge"] == [[2, 3, 4]] and rec["plan"]["merge_formula"] == "keep_top"
 
 
+def test_plan_forward_pass_strategies(tiny_llama, capsys):
+    assert (
+        run("plan", "--model", tiny_llama, "--strategy", "laco", "--threshold", "0.3", "--laco-m", "2", *FAST)
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("laco: merge")
+    assert (
+        run(
+            "plan",
+            "--model",
+            tiny_llama,
+            "--strategy",
+            "slm",
+            "--criterion",
+            "output",
+            "--threshold",
+            "0.5",
+            "--formula",
+            "mean",
+            *FAST,
+            "--json",
+        )
+        == 0
+    )
+    plan = PrunePlan.from_json(capsys.readouterr().out)
+    assert plan.params["criterion"] == "output" and plan.merge_formula == "mean"
+    assert (
+        run(
+            "plan",
+            "--model",
+            tiny_llama,
+            "--strategy",
+            "random",
+            "--ratio",
+            "0.5",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
+    assert "random: remove" in capsys.readouterr().out
+
+
 def test_prune_streamline_with_replacement(tiny_llama, tmp_path):
     out = tmp_path / "stream"
     assert (
