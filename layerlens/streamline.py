@@ -273,8 +273,8 @@ def train_replacement(
 ) -> Replacement:
     """Train the replacement for the plan's span (MSE from h_i to h_{i+n} on non-pad tokens).
 
-    Stops after ``epochs`` passes or when ``time_budget`` seconds are spent (then ``stopped`` says so).
-    The model is not modified.
+    Stops after ``epochs`` passes or when ``time_budget`` seconds (for the whole call, the capture pass
+    included; None: no limit) are spent, and then ``stopped`` says so. The model is not modified.
     """
     if plan.num_layers != layer_count(model):
         raise PlanError(

@@ -93,9 +93,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise PlanError(f"--strategy {s} takes --ratio or --n, not --threshold.")
         if (args.ratio is None) == (args.n is None):
             raise PlanError(f"--strategy {s} needs exactly one of --ratio or --n.")
-    if getattr(args, "replace", "none") != "none" and s != "streamline":
+    if getattr(args, "replace", "none") != "none" and s not in ("streamline", "block"):
         raise PlanError(
-            "--replace trains a replacement for a streamline span; use it with --strategy streamline."
+            "--replace trains one layer for a contiguous span; use it with --strategy streamline (or block)."
         )
 
 
