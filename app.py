@@ -17,20 +17,20 @@ import streamlit as st  # noqa: E402
 
 from pages import _ui as ui  # noqa: E402
 
-st.set_page_config(page_title="LayerLens", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="LayerLens", page_icon=":material/biotech:", layout="wide")
 ui.init_session()
 
 PAGES = [
-    st.Page("pages/1_model_data.py", title="Model & data", icon="📦", default=True),
-    st.Page("pages/2_redundancy.py", title="Redundancy", icon="🔥"),
-    st.Page("pages/3_prune.py", title="Prune", icon="✂️"),
-    st.Page("pages/4_evaluate.py", title="Evaluate", icon="📈"),
-    st.Page("pages/5_export.py", title="Export", icon="💾"),
-    st.Page("pages/6_summary.py", title="Summary", icon="🧾"),
+    st.Page("pages/1_model_data.py", title="Model & data", icon=":material/deployed_code:", default=True),
+    st.Page("pages/2_redundancy.py", title="Redundancy", icon=":material/grid_on:"),
+    st.Page("pages/3_prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/4_evaluate.py", title="Evaluate", icon=":material/show_chart:"),
+    st.Page("pages/5_export.py", title="Export", icon=":material/save:"),
+    st.Page("pages/6_summary.py", title="Summary", icon=":material/summarize:"),
 ]
 page = st.navigation(PAGES)
-ui.sidebar_status()
 try:
     page.run()
-finally:  # also when a page stops early: the URL always reflects the session's shareable state
+finally:  # also when a page stops early: the URL and sidebar always reflect the session's state
     ui.sync_query_params()
+    ui.sidebar_status()

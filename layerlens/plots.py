@@ -169,9 +169,9 @@ def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | Non
     head = HEATMAP_KINDS[kind] + " between residual states"
     if threshold is not None:
         head += f" — {len(runs)} run(s) ≥ {threshold:.2f} outlined"
-    step = _tick_step(size)
+    step = 1 if size <= 20 else 2 if size <= 48 else _tick_step(size)
     fig.update_layout(
-        title=title or head,
+        title=title or head, height=560,
         xaxis_title="Residual state h_i (input of layer i; 0-based)",
         yaxis_title="Residual state h_j (input of layer j; 0-based)", **_LAYOUT,
     )

@@ -17,7 +17,7 @@ from layerlens.defaults import DEFAULT_MODEL_ID, DEFAULT_MODEL_LABEL
 from layerlens.plots import bi_bar, similarity_heatmap
 from pages import _ui as ui
 
-st.title("📦 Model & data")
+st.title("Model & data")
 st.caption("Load a causal LM, run calibration text through it once, and measure how much each layer changes "
            "the residual stream. Layer indices are 0-based everywhere, as in the `layerlens` CLI.")
 
@@ -30,7 +30,7 @@ default_label = DEFAULT_MODEL_LABEL if server_default == DEFAULT_MODEL_ID else f
 if ui.current_report() is None and not ss.get(ui.SS_AUTO) and not ss.get(ui.SS_CANCELLED):
     ui.ensure_report(auto=True)
 if ss.get(ui.SS_CANCELLED):
-    st.warning("Analysis cancelled; the results on screen (if any) are from the previous analysis.", icon="⏹️")
+    st.warning("Analysis cancelled; the results on screen (if any) are from the previous analysis.", icon=":material/stop_circle:")
 
 # ---- settings --------------------------------------------------------------------------------------------
 with st.container(border=True):
@@ -67,7 +67,7 @@ with st.container(border=True):
                             help="Runs Python code from the model repository. Off by default.")
         if trust:
             st.warning("Remote code runs with the server's permissions. Enable it only for model authors you "
-                       "trust.", icon="⚠️")
+                       "trust.", icon=":material/warning:")
     with c2:
         st.subheader("Calibration data")
         data_src = st.selectbox("Source", DATA_SOURCES, format_func=DATA_SOURCE_LABELS.get, key="md_data_source",
@@ -117,13 +117,13 @@ with st.container(border=True):
                                 trust_remote_code=trust, data=data, data_label=data, text_field=text_field,
                                 samples=int(samples), seq_len=int(seq_len), batch_size=int(batch),
                                 cka_estimator=cka)
-    go = st.button("Analyze", type="primary", key="md_analyze", icon="▶️")
+    go = st.button("Analyze", type="primary", key="md_analyze", icon=":material/play_arrow:")
 
 if go:
     if not settings.model:
-        st.error("Enter a model: a hub id like org/name or a folder under the data root.", icon="🚫")
+        st.error("Enter a model: a hub id like org/name or a folder under the data root.", icon=":material/error:")
     elif not settings.data:
-        st.error("Choose calibration data: upload a file, or type a path or dataset name.", icon="🚫")
+        st.error("Choose calibration data: upload a file, or type a path or dataset name.", icon=":material/error:")
     else:
         ui.run_analysis(settings)
 
@@ -150,5 +150,5 @@ if report is not None and info is not None:
         ui.chart(similarity_heatmap(report, "cosine", threshold=0.9), key="md_heatmap")
     with f2:
         ui.chart(bi_bar(report, "bi"), key="md_bi")
-    st.page_link("pages/2_redundancy.py", label="Explore the heatmaps and thresholds on **Redundancy**", icon="🔥")
-    st.page_link("pages/3_prune.py", label="Choose layers to remove on **Prune**", icon="✂️")
+    st.page_link("pages/2_redundancy.py", label="Explore the heatmaps and thresholds on **Redundancy**", icon=":material/grid_on:")
+    st.page_link("pages/3_prune.py", label="Choose layers to remove on **Prune**", icon=":material/content_cut:")

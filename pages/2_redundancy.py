@@ -10,7 +10,7 @@ import streamlit as st
 from layerlens.plots import bi_bar, similar_runs, similarity_heatmap
 from pages import _ui as ui
 
-st.title("🔥 Redundancy")
+st.title("Redundancy")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))
 

@@ -20,7 +20,7 @@ from layerlens.dashboard_state import (
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
 from pages import _ui as ui
 
-st.title("✂️ Prune")
+st.title("Prune")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))
 ss = st.session_state
@@ -100,10 +100,10 @@ if plan is None or plan.num_layers != L:
 total = shared.info.num_parameters
 after = params_after(total, shared.per_layer_params, plan)
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Layers", f"{plan.num_layers_after} / {L}", delta=f"−{plan.n_removed}" if plan.n_removed else "0",
+m1.metric("Layers", f"{plan.num_layers_after} / {L}", delta=f"-{plan.n_removed}" if plan.n_removed else "0",
           delta_color="off")
 m2.metric("Pruning ratio", f"{plan.ratio:.1%}", help="Layers removed / layers of the model (whole layers)")
-m3.metric("Parameters", ui.human_params(after), delta=f"−{(total - after) / total:.1%}" if after < total else "0",
+m3.metric("Parameters", ui.human_params(after), delta=f"-{(total - after) / total:.1%}" if after < total else "0",
           delta_color="off", help=f"{total:,} → {after:,}")
 m4.metric("Strategy", plan.strategy)
 st.markdown(f"**Plan:** `{plan.describe()}`")
@@ -124,7 +124,7 @@ st.subheader("Apply and compare")
 with st.container(border=True):
     prompt = st.text_input("Prompt for the side-by-side generation", value="The king said to his daughter,",
                            key="pr_prompt", persist_state="session")
-    apply = st.button("Apply plan", type="primary", icon="✂️", key="pr_apply", disabled=plan.n_removed == 0,
+    apply = st.button("Apply plan", type="primary", icon=":material/content_cut:", key="pr_apply", disabled=plan.n_removed == 0,
                       help="Builds the pruned model (a new object; the cached original is untouched) and "
                            f"measures perplexity on {ui.QUICK_WINDOWS} held-out windows and generation speed.")
     if plan.n_removed == 0:
@@ -133,8 +133,8 @@ with st.container(border=True):
         with ui.guarded("applying the plan"), st.spinner("Pruning and measuring…"):
             model_key = ui.current_settings().model_key()
             new_model = ui.apply_only(shared, plan)
-            quick = ui.cached_quick_pruned(shared, model_key, plan.to_json(), prompt)
-            original = ui.cached_quick_original(shared, model_key, prompt)
+            both = ui.cached_quick_compare(shared, model_key, plan.to_json(), prompt)
+            quick, original = both["pruned"], both["original"]
             ss[ui.SS_PRUNED] = {"plan_json": plan.to_json(), "plan": plan, "model": new_model, "quick": quick,
                                 "original": original, "prompt": prompt}
 
@@ -142,7 +142,7 @@ with st.container(border=True):
     if pruned is not None:
         if pruned["plan_json"] != plan.to_json():
             st.info(f"Showing the last applied plan ({pruned['plan'].describe()}); press **Apply plan** to apply "
-                    "the one above.", icon="ℹ️")
+                    "the one above.", icon=":material/info:")
         o, q = pruned["original"], pruned["quick"]
         a1, a2, a3 = st.columns(3)
         a1.metric(f"Perplexity ({q['windows']} windows × {q['seq_len']} tokens)", f"{q['perplexity']:.2f}",
@@ -158,4 +158,4 @@ with st.container(border=True):
         with g2, st.container(border=True):
             st.markdown(f"**Pruned** ({pruned['plan'].num_layers_after} layers)")
             st.text(pruned["prompt"] + q["generation"])
-        st.page_link("pages/5_export.py", label="Save or download the pruned model on **Export**", icon="💾")
+        st.page_link("pages/5_export.py", label="Save or download the pruned model on **Export**", icon=":material/save:")

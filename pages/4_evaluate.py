@@ -12,7 +12,7 @@ from layerlens.dashboard_state import STRATEGY_LABELS
 from layerlens.plots import sweep_figure
 from pages import _ui as ui
 
-st.title("📈 Evaluate")
+st.title("Evaluate")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))
 ss = st.session_state
@@ -44,7 +44,7 @@ with st.container(border=True):
     include_current = st.checkbox("Also evaluate the current plan from the Prune page", value=True,
                                   key="ev_current", persist_state="session")
     b1, b2 = st.columns([1, 5])
-    run = b1.button("Run sweep", type="primary", icon="▶️", key="ev_run")
+    run = b1.button("Run sweep", type="primary", icon=":material/play_arrow:", key="ev_run")
     b2.caption("Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep again "
                "resumes where it stopped.")
 
@@ -56,7 +56,7 @@ sweep_key = ui.sweep_key(settings, report, strategies, ratios, int(windows), int
 
 if run:
     if not strategies or not ratios:
-        st.error("Pick at least one strategy and one ratio.", icon="🚫")
+        st.error("Pick at least one strategy and one ratio.", icon=":material/error:")
     else:
         with ui.guarded("running the sweep"):
             frame = ui.run_sweep(shared, report, strategies, ratios, windows=int(windows), seq_len=int(seq_len),
@@ -71,7 +71,7 @@ if frame is None and saved:
     st.caption("Showing the last sweep of this session (its settings differ from the ones above).")
 if frame is None:
     st.info("No sweep for these settings yet: press **Run sweep**. With the defaults it takes about a minute "
-            "on a CPU.", icon="ℹ️")
+            "on a CPU.", icon=":material/info:")
     st.stop()
 
 curves = frame[frame["strategy"] != "current"]

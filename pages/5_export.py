@@ -28,7 +28,7 @@ from layerlens.plots import (
 )
 from pages import _ui as ui
 
-st.title("💾 Export")
+st.title("Export")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))
 ss = st.session_state
@@ -45,8 +45,8 @@ st.subheader("Pruned model")
 with st.container(border=True):
     if pruned is None:
         st.info("No pruned model in this session yet: choose a plan on **Prune** and press **Apply plan**.",
-                icon="ℹ️")
-        st.page_link("pages/3_prune.py", label="Go to Prune", icon="✂️")
+                icon=":material/info:")
+        st.page_link("pages/3_prune.py", label="Go to Prune", icon=":material/content_cut:")
     else:
         p = pruned["plan"]
         st.markdown(f"Applied plan: `{p.describe()}`")
@@ -55,7 +55,7 @@ with st.container(border=True):
         target = exports / name
         st.caption(f"Saved on the server under `{target}` in plain transformers format "
                    "(config.json, model.safetensors, tokenizer) plus `layerlens_plan.json`.")
-        if st.button("Save pruned model", type="primary", icon="💾", key="ex_save_model"):
+        if st.button("Save pruned model", type="primary", icon=":material/save:", key="ex_save_model"):
             with ui.guarded("saving the pruned model"), st.spinner("Saving…"):
                 shared = ui.shared_for_report()
                 with ui.model_lock(shared):
@@ -63,7 +63,7 @@ with st.container(border=True):
                                       meta={"source_model": info, "analysis": report.meta})
                 ss["ll_saved_model"] = str(target)
                 st.success(f"Saved to {target}. Load it with AutoModelForCausalLM.from_pretrained('{target}').",
-                           icon="✅")
+                           icon=":material/check_circle:")
         saved = ss.get("ll_saved_model")
         if saved:
             from pathlib import Path
@@ -71,7 +71,7 @@ with st.container(border=True):
             folder = Path(saved)
             if folder.exists():
                 st.download_button("Download the saved model (.zip)", data=lambda: zip_folder(folder),
-                                   file_name=f"{folder.name}.zip", mime="application/zip", icon="⬇️",
+                                   file_name=f"{folder.name}.zip", mime="application/zip", icon=":material/download:",
                                    key="ex_zip", on_click="ignore")
         st.download_button("Plan JSON", data=json.dumps({"plan": p.to_dict()}, indent=1),
                            file_name="layerlens_plan.json", mime="application/json", key="ex_plan_applied",
@@ -106,16 +106,16 @@ with st.container(border=True):
         c3.download_button("PNG", data=lambda make=make: figure_png_bytes(make()) or b"",
                            file_name=f"{key}.png", mime="image/png", key=f"ex_fig_png_{key}", on_click="ignore",
                            disabled=not png_ok, help=None if png_ok else PNG_HINT)
-    if st.button("Save all figures on the server (HTML + PNG)", key="ex_save_figs", icon="🖼️"):
+    if st.button("Save all figures on the server (HTML + PNG)", key="ex_save_figs", icon=":material/image:"):
         with ui.guarded("saving the figures"), st.spinner("Rendering…"):
             folder = exports / f"{short}-figures"
             written = []
             for key, (_, make) in figures.items():
                 written += save_figure(make(), folder / key)
             n_png = sum(p.suffix == ".png" for p in written)
-            st.success(f"Wrote {len(written)} files to {folder}.", icon="✅")
+            st.success(f"Wrote {len(written)} files to {folder}.", icon=":material/check_circle:")
             if n_png == 0:
-                st.warning(PNG_HINT, icon="⚠️")
+                st.warning(PNG_HINT, icon=":material/warning:")
 
 # ---- data -------------------------------------------------------------------------------------------------
 st.subheader("Metrics and sweeps")
@@ -166,4 +166,4 @@ with st.container(border=True):
     st.caption("Model card, plan and why, before/after numbers, the figures (interactive, works offline) and "
                "full provenance: model, data, settings, versions, git commit.")
     st.download_button("Download the HTML report", data=_report_html, file_name="layerlens_report.html",
-                       mime="text/html", icon="📄", key="ex_html_report", type="primary", on_click="ignore")
+                       mime="text/html", icon=":material/description:", key="ex_html_report", type="primary", on_click="ignore")

@@ -27,7 +27,7 @@ if plan is None:
     st.stop()
 
 model_name = ui._short_model(info.get("model", "model"))
-st.title(f"🧾 {model_name}: {plan.num_layers_after} of {plan.num_layers} layers kept")
+st.title(f"{model_name}: {plan.num_layers_after} of {plan.num_layers} layers kept")
 st.caption(ui.report_caption(report))
 
 # ---- quality and speed (cached per model + plan: a shared link reuses them) ------------------------------
@@ -39,8 +39,8 @@ elif plan.n_removed > 0:
     prompt = "The king said to his daughter,"
     with ui.guarded("measuring the pruned model"), st.spinner("Measuring perplexity and speed (a few seconds)…"):
         key = ui.current_settings().model_key()
-        quick = ui.cached_quick_pruned(shared, key, plan.to_json(), prompt)
-        original = ui.cached_quick_original(shared, key, prompt)
+        both = ui.cached_quick_compare(shared, key, plan.to_json(), prompt)
+        quick, original = both["pruned"], both["original"]
 
 
 def _mmlu_for(layers: str) -> float | None:
@@ -55,9 +55,9 @@ def _mmlu_for(layers: str) -> float | None:
 total = shared.info.num_parameters
 after = params_after(total, shared.per_layer_params, plan)
 c1, c2, c3, c4, c5 = st.columns(5)
-c1.metric("Layers removed", f"{plan.n_removed} of {plan.num_layers}", delta=f"−{plan.ratio:.0%} depth",
+c1.metric("Layers removed", f"{plan.n_removed} of {plan.num_layers}", delta=f"-{plan.ratio:.0%} depth",
           delta_color="off")
-c2.metric("Parameters", ui.human_params(after), delta=f"−{(total - after) / total:.1%} ({ui.human_params(total)})",
+c2.metric("Parameters", ui.human_params(after), delta=f"-{(total - after) / total:.1%} ({ui.human_params(total)})",
           delta_color="off")
 if quick and original and original["tokens_per_s"] > 0:
     c3.metric("Generation speed", f"{quick['tokens_per_s']:.1f} tok/s",

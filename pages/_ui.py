@@ -119,10 +119,10 @@ def guarded(what: str) -> Iterator[None]:
     try:
         yield
     except LayerLensError as exc:
-        st.error(str(exc), icon="🚫")
+        st.error(str(exc), icon=":material/error:")
     except MemoryError:
         st.error(f"Out of memory while {what}; lower the samples, sequence length or batch size, or load the "
-                 "model in bfloat16.", icon="🚫")
+                 "model in bfloat16.", icon=":material/error:")
     except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback in the UI
         import torch
 
@@ -130,12 +130,12 @@ def guarded(what: str) -> Iterator[None]:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             st.error(f"Out of memory while {what}; lower the samples, sequence length or batch size, or load "
-                     "the model in bfloat16.", icon="🚫")
+                     "the model in bfloat16.", icon=":material/error:")
         else:
             log.error("unexpected error while %s:\n%s", what, traceback.format_exc())
             first = str(exc).splitlines()[0] if str(exc) else ""
             st.error(f"Unexpected error while {what} ({type(exc).__name__}: {first[:300]}); earlier results are "
-                     "kept. Try smaller settings or another model; the server log has the details.", icon="🚫")
+                     "kept. Try smaller settings or another model; the server log has the details.", icon=":material/error:")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def model_lock(shared: SharedModel, note: Any = None, quiet: bool = False) -> It
     """Hold the model's lock; tell the user when another session is using the model meanwhile."""
     if not shared.lock.acquire(blocking=False):
         if not quiet:
-            (note or st).info("Another session is using this model; waiting for it to finish…", icon="⏳")
+            (note or st).info("Another session is using this model; waiting for it to finish…", icon=":material/hourglass_top:")
         shared.lock.acquire()
     try:
         yield
@@ -356,9 +356,12 @@ def ensure_report(auto: bool = True) -> Any | None:
         return None
     if auto and not ss.get(SS_AUTO):
         ss[SS_AUTO] = True
-        st.info("First visit: running a quick analysis of the bundled default model and text "
-                "(small sample) so you can explore right away.", icon="👋")
-        run_analysis(requested_settings(), label="Quick first analysis")
+        note = st.empty()
+        note.info("First visit: running a quick analysis of the bundled default model and text "
+                  "(small sample) so you can explore right away.", icon=":material/waving_hand:")
+        ok = run_analysis(requested_settings(), label="Quick first analysis")
+        if ok:
+            note.empty()
         return ss.get(SS_REPORT)
     st.info("No analysis yet: pick a model and data on the **Model & data** page and press **Analyze**.")
     return None
@@ -377,7 +380,7 @@ def shared_for_report() -> SharedModel | None:
 
 QUICK_WINDOWS = 4
 QUICK_SEQ_LEN = 128
-QUICK_NEW_TOKENS = 24
+QUICK_NEW_TOKENS = 16
 
 
 def eval_texts() -> Any:
@@ -386,36 +389,58 @@ def eval_texts() -> Any:
     return load_texts("default", role="eval")
 
 
-def quick_measure(model: Any, tokenizer: Any, prompt: str, *, windows: int = QUICK_WINDOWS,
-                  seq_len: int = QUICK_SEQ_LEN, new_tokens: int = QUICK_NEW_TOKENS) -> dict[str, Any]:
-    """Perplexity on a few held-out windows, greedy generation of ``prompt``, tokens/s. Caller holds the lock."""
+def _generate(model: Any, tokenizer: Any, enc: dict, new_tokens: int) -> tuple[float, str]:
     import torch
 
-    from layerlens.evaluation import perplexity
-
-    ppl = perplexity(model, tokenizer, eval_texts(), seq_len=seq_len, max_windows=windows)
-    enc = tokenizer(prompt, return_tensors="pt")
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
-        model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
         t = time.perf_counter()
         out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=pad)
         dt = time.perf_counter() - t
     n_new = int(out.shape[1] - enc["input_ids"].shape[1])
     text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return {"perplexity": float(ppl.perplexity), "windows": int(getattr(ppl, "n_windows", windows)),
-            "seq_len": seq_len, "tokens_per_s": n_new / dt if dt > 0 else float("nan"), "generation": text,
-            "new_tokens": n_new}
+    return (n_new / dt if dt > 0 else float("nan")), text
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _cached_ppl(_shared: SharedModel, model_key: tuple) -> float:
+    """Quick perplexity of the ORIGINAL model (the same for every session and plan)."""
+    from layerlens.evaluation import perplexity
+
+    with model_lock(_shared, quiet=True):
+        res = perplexity(_shared.model, _shared.tokenizer, eval_texts(), seq_len=QUICK_SEQ_LEN,
+                         max_windows=QUICK_WINDOWS)
+    return float(res.perplexity)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def cached_quick_original(_shared: SharedModel, model_key: tuple, prompt: str) -> dict[str, Any]:
-    """Quick numbers of the ORIGINAL model (identical for every session; keyed by model key + prompt)."""
+def cached_quick_compare(_shared: SharedModel, model_key: tuple, plan_json: str, prompt: str) -> dict[str, Any]:
+    """Quick before/after for a plan: perplexity on a few held-out windows, and greedy generation of
+    ``prompt`` by both models, timed back to back (interleaved, after a warm-up) so machine load hits both
+    alike. Keyed by model key + plan + prompt, so a share link reuses the numbers; nothing per user inside."""
+    from layerlens.evaluation import perplexity
+    from layerlens.plans import PrunePlan
+    from layerlens.surgery import apply_plan
+
+    plan = PrunePlan.from_json(plan_json)
+    ppl_before = _cached_ppl(_shared, model_key)
+    tok = _shared.tokenizer
     with model_lock(_shared, quiet=True):
-        return quick_measure(_shared.model, _shared.tokenizer, prompt)
+        t = time.perf_counter()
+        pruned = apply_plan(_shared.model, plan)
+        surgery_s = time.perf_counter() - t
+        ppl = perplexity(pruned, tok, eval_texts(), seq_len=QUICK_SEQ_LEN, max_windows=QUICK_WINDOWS)
+        device = next(pruned.parameters()).device
+        enc = {k: v.to(device) for k, v in tok(prompt, return_tensors="pt").items()}
+        for m in (_shared.model, pruned):  # warm-up
+            _generate(m, tok, enc, 1)
+        speed_o, text_o = _generate(_shared.model, tok, enc, QUICK_NEW_TOKENS)
+        speed_p, text_p = _generate(pruned, tok, enc, QUICK_NEW_TOKENS)
+    common = {"windows": QUICK_WINDOWS, "seq_len": QUICK_SEQ_LEN, "new_tokens": QUICK_NEW_TOKENS}
+    return {"original": common | {"perplexity": ppl_before, "tokens_per_s": speed_o, "generation": text_o},
+            "pruned": common | {"perplexity": float(ppl.perplexity), "tokens_per_s": speed_p,
+                                "generation": text_p, "surgery_s": surgery_s}}
 
 
 def apply_only(shared: SharedModel, plan: Any) -> Any:
@@ -424,22 +449,6 @@ def apply_only(shared: SharedModel, plan: Any) -> Any:
 
     with model_lock(shared):
         return apply_plan(shared.model, plan)
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
-def cached_quick_pruned(_shared: SharedModel, model_key: tuple, plan_json: str, prompt: str) -> dict[str, Any]:
-    """Quick numbers of the pruned model (keyed by model key + plan + prompt: a share link reuses them)."""
-    from layerlens.plans import PrunePlan
-    from layerlens.surgery import apply_plan
-
-    plan = PrunePlan.from_json(plan_json)
-    with model_lock(_shared, quiet=True):
-        t = time.perf_counter()
-        model = apply_plan(_shared.model, plan)
-        surgery_s = time.perf_counter() - t
-        quick = quick_measure(model, _shared.tokenizer, prompt)
-    quick["surgery_s"] = surgery_s
-    return quick
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,7 +477,7 @@ def need_report_or_stop() -> Any:
     """For pages that need a report: get one (auto-running on first visit) or stop the page politely."""
     report = ensure_report()
     if report is None:
-        st.page_link("pages/1_model_data.py", label="Go to Model & data", icon="➡️")
+        st.page_link("pages/1_model_data.py", label="Go to Model & data", icon=":material/arrow_forward:")
         st.stop()
     return report
 
@@ -493,7 +502,7 @@ def sidebar_status() -> None:
             st.markdown(f"**Plan** {plan.strategy}: −{plan.n_removed} layers ({plan.ratio:.0%})")
         pruned = st.session_state.get(SS_PRUNED)
         if pruned is not None:
-            st.markdown("**Pruned model** applied ✅")
+            st.markdown("**Pruned model** applied :material/check_circle:")
 
 
 def _short_model(spec: str) -> str:
@@ -562,7 +571,7 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
     status = st.status(f"Sweep: {len(plans)} points…", expanded=True)
     with status, _status_error_on_failure(status):
         bar = st.progress(0.0, text="Preparing the evaluation data…")
-        st.button("Stop", key="ll_stop_sweep", on_click=_request_stop, icon="⏹️",
+        st.button("Stop", key="ll_stop_sweep", on_click=_request_stop, icon=":material/stop_circle:",
                   help="Stop after the current point; finished points stay saved.")
         t0 = time.perf_counter()
 
