@@ -1,0 +1,168 @@
+"""Sweeps: numbers equal to evaluating every pruned model from scratch; reuse; persistence and resume."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerlens.data import TextSet
+from layerlens.evaluation import mmlu, perplexity
+from layerlens.loading import load_model
+from layerlens.metrics import CaptureConfig, analyze
+from layerlens.plans import PrunePlan
+from layerlens.questions import load_questions
+from layerlens.surgery import apply_plan
+from layerlens.sweep import choose_cached_layers, first_affected_layer, sweep
+
+DATA = Path(__file__).parent / "data"
+STRATEGIES = ["bi", "reverse", "sequential", "magnitude"]
+RATIOS = [0.0, 0.2, 0.4, 0.6]
+PPL = dict(seq_len=48, max_windows=6, ppl_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return load_questions(str(DATA / "mmlu_sample.jsonl"), limit=3)  # 12 questions, 4 subjects
+
+
+def _setup(path, sample_texts):
+    lm = load_model(str(path), device="cpu", dtype="float32")
+    report = analyze(lm.model, lm.tokenizer, TextSet(tuple(sample_texts[:8]), "t", "t"),
+                     CaptureConfig(samples=8, seq_len=48, batch_size=4))
+    return lm, report
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_sweep_equals_each_pruned_model_from_scratch(tiny_model_factory, sample_texts, questions, arch):
+    lm, report = _setup(tiny_model_factory(arch), sample_texts)
+    m, t = lm.model, lm.tokenizer
+    before, config_before = _state(m), m.config.to_dict()
+    stats: dict = {}
+    frame = sweep(m, t, report, STRATEGIES, RATIOS, ppl_texts=sample_texts, questions=questions,
+                  mmlu_batch_size=5, stats=stats, **PPL)
+    assert list(frame.columns[:7]) == ["strategy", "ratio", "target_ratio", "n_removed", "removed_layers",
+                                       "perplexity", "mmlu_accuracy"]
+    assert len(frame) == len(STRATEGIES) * len(RATIOS)
+    # the model is the same object, unchanged
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert m.config.to_dict() == config_before and len(lm.model.model.layers if arch != "gpt2" else m.transformer.h) == 6
+    # prefix reuse really happened and saved layer passes
+    s = stats["stats"]
+    assert s.capture_passes == 2 and any(s.cached_layers.values())
+    assert s.layer_passes < s.layer_passes_from_scratch
+    from layerlens.plans import make_plan
+
+    for _, row in frame.iterrows():
+        plan = make_plan(row.strategy, report, ratio=row.target_ratio)
+        scratch = apply_plan(m, plan)
+        ppl = perplexity(scratch, t, sample_texts, seq_len=48, max_windows=6, batch_size=4)
+        acc = mmlu(scratch, t, questions, batch_size=5)
+        assert row.perplexity == pytest.approx(ppl.perplexity, rel=1e-5)
+        assert row.mmlu_accuracy == acc.accuracy
+        assert row.mmlu_prob_correct == pytest.approx(acc.mean_prob_correct, rel=1e-5)
+        assert row.n_removed == plan.n_removed
+        assert row.ratio == pytest.approx(plan.ratio)
+    # ratio 0 is one computation shared by all strategies
+    zero = frame[frame.target_ratio == 0]
+    assert zero.perplexity.nunique() == 1
+
+
+def test_merge_plans_and_no_cache_budget_give_the_same_numbers(tiny_llama, sample_texts, questions):
+    lm, report = _setup(tiny_llama, sample_texts)
+    m, t = lm.model, lm.tokenizer
+    plans = [("manual", 0.0, PrunePlan(6, "remove", remove=())),
+             ("manual", 0.33, PrunePlan(6, "merge", merge=((3, 4, 5),))),
+             ("manual", 0.17, PrunePlan(6, "merge", merge=((2, 3),), merge_formula="mean")),
+             ("manual", 0.33, PrunePlan(6, "remove", remove=(4, 5)))]
+    fast = sweep(m, t, plans=plans, ppl_texts=sample_texts, questions=questions, **PPL)
+    stats: dict = {}
+    slow = sweep(m, t, plans=plans, ppl_texts=sample_texts, questions=questions, cache_bytes=0, stats=stats,
+                 **PPL)
+    assert not any(stats["stats"].cached_layers.values())
+    for (_, a), (_, b) in zip(fast.iterrows(), slow.iterrows(), strict=True):
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-5)
+        assert a.mmlu_prob_correct == pytest.approx(b.mmlu_prob_correct, rel=1e-5)
+    for (_, row), (_, _, plan) in zip(fast.iterrows(), plans, strict=True):
+        ref = perplexity(apply_plan(m, plan), t, sample_texts, seq_len=48, max_windows=6)
+        assert row.perplexity == pytest.approx(ref.perplexity, rel=1e-5)
+    assert first_affected_layer(plans[1][2]) == 3 and first_affected_layer(plans[0][2]) == 6
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_sweep_resumes_without_recomputing(tiny_llama, sample_texts, questions, tmp_path):
+    lm, report = _setup(tiny_llama, sample_texts)
+    m, t = lm.model, lm.tokenizer
+    calls = {"n": 0}
+    m.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    kw = dict(ppl_texts=sample_texts, questions=questions, runs_dir=tmp_path, **PPL)
+    reference = sweep(m, t, report, ["bi", "reverse"], [0.0, 0.2, 0.4], **kw)
+    fresh_calls = calls["n"]
+    runs = tmp_path / "resume"
+    kw["runs_dir"] = runs
+
+    def stop_after_two(done, total, label):
+        if done == 2:
+            raise _Stop(label)
+
+    with pytest.raises(_Stop):
+        sweep(m, t, report, ["bi", "reverse"], [0.0, 0.2, 0.4], progress=stop_after_two, **kw)
+    points = sorted((runs / "sweep" / "points").glob("*.json"))
+    assert len(points) == 2
+    mtimes = {p: p.stat().st_mtime_ns for p in points}
+
+    calls["n"] = 0
+    seen = []
+    stats: dict = {}
+    resumed = sweep(m, t, report, ["bi", "reverse"], [0.0, 0.2, 0.4],
+                    progress=lambda d, n, label: seen.append(d), stats=stats, **kw)
+    s = stats["stats"]
+    assert (s.cached, s.computed) == (2, s.units - 2)
+    assert seen[0] == 3 and seen[-1] == s.units
+    assert 0 < calls["n"] < fresh_calls
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in points)  # finished points were not rewritten
+    for col in ("perplexity", "mmlu_accuracy", "mmlu_prob_correct"):
+        assert list(resumed[col]) == pytest.approx(list(reference[col]), rel=1e-6)
+
+    calls["n"] = 0
+    again = sweep(m, t, report, ["bi", "reverse"], [0.0, 0.2, 0.4], **kw)
+    assert calls["n"] == 0 and again.cached.all()
+    assert list(again.perplexity) == pytest.approx(list(reference.perplexity), rel=1e-12)
+    # another model (different weights) never reads these points
+    other = load_model(str(tiny_llama), device="cpu", dtype="float32").model
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)
+    third = sweep(other, t, report, ["reverse"], [0.2], **kw)
+    assert not third.cached.any()
+
+
+def _brute(limits, m):
+    cands = sorted({x for x in limits if x > 0})
+    best = 0
+    for r in range(1, min(m, len(cands)) + 1):
+        for s in itertools.combinations(cands, r):
+            best = max(best, sum(max([j for j in s if j <= x], default=0) for x in limits))
+    return best
+
+
+def test_cached_layer_choice_is_optimal():
+    rng = random.Random(0)
+    for _ in range(60):
+        limits = [rng.randrange(0, 12) for _ in range(rng.randrange(1, 9))]
+        m = rng.randrange(1, 4)
+        chosen = choose_cached_layers(limits, m)
+        assert len(chosen) <= m
+        value = sum(max([j for j in chosen if j <= x], default=0) for x in limits)
+        assert value == _brute(limits, m)
+    assert choose_cached_layers([0, 0], 3) == () and choose_cached_layers([5], 0) == ()
