@@ -306,7 +306,7 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
             fig.add_vline(x=x, line=dict(color="black", dash="dash", width=1.5),
                           annotation_text=label, annotation_position="top")
     fig.update_layout(
-        title=title or f"{_short(metric).capitalize()} vs. pruning ratio",
+        title=title or f"{ {'perplexity': 'Perplexity', 'mmlu_accuracy': 'MMLU accuracy'}[metric]} vs. pruning ratio",
         xaxis_title="Pruning ratio (% of decoder layers removed)",
         yaxis_title=METRIC_LABELS[metric], legend_title="Strategy", hovermode="closest", **_LAYOUT,
     )

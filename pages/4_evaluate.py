@@ -41,6 +41,11 @@ with st.container(border=True):
                            help="Bundled MMLU test questions, scored by answer-letter log-likelihood")
     per_subject = d4.number_input("MMLU questions per subject (57 subjects)", 1, 100, 1, key="ev_mmlu_n",
                                   persist_state="session", disabled=not use_mmlu)
+    from layerlens.defaults import MMLU_SUBJECTS
+
+    subjects = st.multiselect("MMLU subjects (empty = all 57)", MMLU_SUBJECTS, default=[], key="ev_subjects",
+                              persist_state="session", disabled=not use_mmlu,
+                              format_func=lambda s: s.replace("_", " "))
     include_current = st.checkbox("Also evaluate the current plan from the Prune page", value=True,
                                   key="ev_current", persist_state="session")
     b1, b2 = st.columns([1, 5])
@@ -51,7 +56,7 @@ with st.container(border=True):
 plan = ui.current_plan(report)
 settings = ui.current_settings()
 sweep_key = ui.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
-                         int(per_subject) if use_mmlu else 0,
+                         (int(per_subject), tuple(sorted(subjects))) if use_mmlu else 0,
                          plan.to_json() if include_current and plan is not None else "")
 
 if run:
@@ -60,7 +65,7 @@ if run:
     else:
         with ui.guarded("running the sweep"):
             frame = ui.run_sweep(shared, report, strategies, ratios, windows=int(windows), seq_len=int(seq_len),
-                                 mmlu_per_subject=int(per_subject) if use_mmlu else 0,
+                                 mmlu_per_subject=int(per_subject) if use_mmlu else 0, subjects=subjects,
                                  current_plan=plan if include_current else None, key=sweep_key)
             ss[ui.SS_SWEEP] = (sweep_key, frame)
 

@@ -43,13 +43,21 @@ elif plan.n_removed > 0:
         quick, original = both["pruned"], both["original"]
 
 
-def _mmlu_for(layers: str) -> float | None:
+def _frames() -> list:
     saved = ss.get(ui.SS_SWEEP)
-    if not saved:
-        return None
-    frame = saved[1]
-    rows = frame[(frame["removed_layers"].fillna("") == layers) & frame["mmlu_accuracy"].notna()]
-    return float(rows["mmlu_accuracy"].iloc[0]) if len(rows) else None
+    return ([saved[1]] if saved else []) + ui.saved_sweeps_for(report)
+
+
+def _mmlu_pair(removed: str) -> tuple[float | None, float | None]:
+    """(MMLU of the pruned plan, MMLU of the original) from one sweep that measured both."""
+    for frame in _frames():
+        ok = frame[frame["mmlu_accuracy"].notna()]
+        after = ok[ok["removed_layers"].fillna("").astype(str) == removed]
+        before = ok[ok["removed_layers"].fillna("").astype(str) == ""]
+        if len(after):
+            return float(after["mmlu_accuracy"].iloc[0]), \
+                (float(before["mmlu_accuracy"].iloc[0]) if len(before) else None)
+    return None, None
 
 
 total = shared.info.num_parameters
@@ -68,8 +76,7 @@ if quick and original and original["tokens_per_s"] > 0:
 else:
     c3.metric("Generation speed", "–")
     c4.metric("Perplexity", "–")
-m_after = _mmlu_for(",".join(map(str, plan.removed_layers)))
-m_before = _mmlu_for("")
+m_after, m_before = _mmlu_pair(",".join(map(str, plan.removed_layers)))
 if m_after is not None and not math.isnan(m_after):
     c5.metric("MMLU accuracy", f"{m_after:.1%}",
               delta=f"{(m_after - m_before) * 100:+.1f} pts (was {m_before:.1%})" if m_before is not None else None)

@@ -519,12 +519,12 @@ def _short_model(spec: str) -> str:
 
 
 def sweep_key(settings: AnalysisSettings | None, report: Any, strategies: Any, ratios: Any, windows: int,
-              seq_len: int, mmlu_per_subject: int, current_plan_json: str) -> str:
+              seq_len: int, mmlu: Any, current_plan_json: str) -> str:
     from layerlens.runs import stable_key
 
     return stable_key({"model": settings.model_key() if settings else None, "report": report.meta.get("created"),
                        "strategies": sorted(strategies), "ratios": sorted(float(r) for r in ratios),
-                       "windows": windows, "seq_len": seq_len, "mmlu": mmlu_per_subject,
+                       "windows": windows, "seq_len": seq_len, "mmlu": mmlu,
                        "current": current_plan_json})
 
 
@@ -551,10 +551,10 @@ def _request_stop() -> None:
 
 
 def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *, windows: int, seq_len: int,
-              mmlu_per_subject: int, current_plan: Any, key: str) -> Any:
+              mmlu_per_subject: int, current_plan: Any, key: str, subjects: Any = ()) -> Any:
     """Run (or resume) a sweep with a per-point progress bar and a Stop button; persist the frame."""
     from layerlens.data import load_texts
-    from layerlens.runs import atomic_write_text, default_runs_dir
+    from layerlens.runs import atomic_write_json, atomic_write_text, default_runs_dir
     from layerlens.sweep import make_plans, sweep
 
     ss = st.session_state
@@ -564,7 +564,7 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
     if mmlu_per_subject > 0:
         from layerlens.questions import load_questions
 
-        questions = load_questions("default", limit=mmlu_per_subject)
+        questions = load_questions("default", limit=mmlu_per_subject, subjects=list(subjects) or None)
     plans = make_plans(report, list(strategies), sorted(float(r) for r in ratios), num_layers=report.num_layers)
     if current_plan is not None:
         plans.append(("current", current_plan.ratio, current_plan))
@@ -586,7 +586,34 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
         status.update(label=f"Sweep done: {len(frame)} points in {time.perf_counter() - t0:.0f} s",
                       state="complete", expanded=False)
     atomic_write_text(_sweep_csv(key), frame.to_csv(index=False))
+    atomic_write_json(_sweep_csv(key).with_suffix(".json"), {
+        "model_key": list(current_settings().model_key()) if current_settings() else None,
+        "report_created": report.meta.get("created"), "strategies": list(strategies),
+        "ratios": [float(r) for r in ratios]})
     return frame
+
+
+def saved_sweeps_for(report: Any) -> list[Any]:
+    """Every saved sweep frame of this session's model and analysis (newest first): a share link's viewer
+    sees the quality numbers someone else measured."""
+    import json
+
+    settings = current_settings()
+    if settings is None:
+        return []
+    want = [list(settings.model_key()), report.meta.get("created")]
+    folder = runs_dir() / "sweeps"
+    out = []
+    for meta_path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if [meta.get("model_key"), meta.get("report_created")] == want:
+            frame = load_saved_sweep(meta_path.stem)
+            if frame is not None:
+                out.append(frame)
+    return out
 
 
 def current_plan(report: Any) -> Any | None:

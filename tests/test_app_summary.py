@@ -85,3 +85,20 @@ def test_two_sessions_share_the_model_but_not_plans(env):
     assert b.session_state[ui.SS_PLAN].removed_layers == (0,)
     shared = ui._shared_model(str(env), None, "auto", "auto", False)
     assert shared.model is not a.session_state["ll_pruned"]["model"]
+
+
+def test_shared_link_viewer_sees_quality_measured_by_another_session(env):
+    a = AppTest.from_file(APP, default_timeout=300)
+    a.switch_page("pages/4_evaluate.py").run()
+    a.multiselect(key="ev_strategies").set_value(["bi"])
+    a.multiselect(key="ev_ratios").set_value([0.0, 0.3])
+    a.number_input(key="ev_windows").set_value(2)
+    a.number_input(key="ev_seq_len").set_value(64)
+    a.multiselect(key="ev_subjects").set_value(["astronomy", "virology"])
+    a.run()
+    a.button(key="ev_run").click().run()
+    assert not a.exception and not a.error
+    viewer = AppTest.from_file(APP, default_timeout=180)  # another browser: only the disk is shared
+    viewer.switch_page("pages/6_summary.py").run()
+    assert not viewer.exception and not viewer.error
+    assert _metrics(viewer)["MMLU accuracy"].endswith("%")
