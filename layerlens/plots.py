@@ -115,39 +115,33 @@ def _tick_step(n: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def similar_runs(matrix: Any, threshold: float) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive states whose similarity to the run's first state is >= ``threshold``.
+def merge_groups(report: Any, kind: str, threshold: float) -> list[tuple[int, ...]]:
+    """The groups of consecutive decoder layers that sliding layer merging (SLM) merges at ``threshold``,
+    comparing layer outputs with ``kind`` (cosine or CKA) -- exactly what the Prune page's SLM mode builds.
 
-    ``matrix`` is the (L+1)x(L+1) state similarity (cosine or CKA). Scanning from the first state, a run
-    starting at state ``s`` extends to the last ``e`` with ``matrix[s][k] >= threshold`` for all s < k <= e
-    (the SLM-style anchor rule). Returns ``(s, e)`` state pairs with ``e > s``: the decoder layers
-    ``s .. e-1`` barely change the residual stream and are candidates for merging.
+    Layer i's output is state h_{i+1}, so a group (a..b) is the square of states a+1..b+1 in the heatmap.
     """
-    m = np.asarray(matrix, dtype=float)
-    size = m.shape[0]
-    runs: list[tuple[int, int]] = []
-    s = 0
-    while s < size - 1:
-        e = s
-        while e + 1 < size and np.isfinite(m[s, e + 1]) and m[s, e + 1] >= threshold:
-            e += 1
-        if e > s:
-            runs.append((s, e))
-            s = e
-        else:
-            s += 1
-    return runs
+    from .plans import slm_plan
+
+    return [tuple(g) for g in slm_plan(report, threshold, criterion=kind).merge]
+
+
+def similar_runs(report: Any, kind: str, threshold: float) -> list[tuple[int, int]]:
+    """State ranges (s, e) outlined on the heatmap: one per :func:`merge_groups` group (s = a+1, e = b+1)."""
+    return [(g[0] + 1, g[-1] + 1) for g in merge_groups(report, kind, threshold)]
 
 
 HEATMAP_KINDS = {"cosine": "Cosine similarity", "cka": "Linear CKA"}
 
 
 def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | None = None,
-                       title: str | None = None) -> go.Figure:
+                       title: str | None = None, groups: Any = None) -> go.Figure:
     """(L+1)x(L+1) heatmap of residual-state similarity, states h_0..h_L labelled 0..L.
 
     State h_i is the input of decoder layer i (h_L the last layer's output, before the final norm), as in
-    ``LayerReport``. With ``threshold``, every run from :func:`similar_runs` is outlined by a square.
+    ``LayerReport``. With ``threshold``, the runs of consecutive layers whose outputs are at least that
+    similar -- the groups sliding layer merging collapses (:func:`merge_groups`) -- are outlined. ``groups``
+    (lists of layer indices, e.g. a plan's merge groups) outlines exactly those instead.
     """
     if kind not in HEATMAP_KINDS:
         raise ValueError(f"kind must be one of {', '.join(HEATMAP_KINDS)}, got {kind!r}")
@@ -162,12 +156,19 @@ def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | Non
         colorscale="Viridis", zmin=zmin, zmax=1.0,
         colorbar=dict(title=dict(text=f"{HEATMAP_KINDS[kind]}<br>(unitless)", side="right")),
     ))
-    runs = similar_runs(m, threshold) if threshold is not None else []
+    if groups is not None:
+        runs = [(g[0] + 1, g[-1] + 1) for g in groups]
+    elif threshold is not None:
+        runs = similar_runs(report, kind, threshold)
+    else:
+        runs = []
     for s, e in runs:
         fig.add_shape(type="rect", x0=s - 0.5, x1=e + 0.5, y0=s - 0.5, y1=e + 0.5,
                       line=dict(color="red", width=3), fillcolor="rgba(0,0,0,0)", name=f"run {s}-{e}")
     head = HEATMAP_KINDS[kind] + " between residual states"
-    if threshold is not None:
+    if groups is not None:
+        head += f" — {len(runs)} merge group(s) outlined"
+    elif threshold is not None:
         head += f" — {len(runs)} run(s) ≥ {threshold:.2f} outlined"
     step = 1 if size <= 20 else 2 if size <= 48 else _tick_step(size)
     fig.update_layout(
@@ -207,10 +208,12 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
         part = [r for r in rows if r.get("status") == status]
         if not part:
             continue
-        text = [f"{r['layer']}→{r['into']}" if status == "merged" and r.get("into") is not None
+        text = [f"{r['layer']}→{r['into']}" if status == "merged" and r.get("into") not in (None, r["layer"])
                 else str(r["layer"]) for r in part]
-        hover = [f"layer {r['layer']}: {status}" + (f" into layer {r['into']}" if r.get("into") is not None
-                                                    and status == "merged" else "") for r in part]
+        hover = [f"layer {r['layer']}: " + (
+            "kept" if status == "kept" else "removed" if status == "removed"
+            else "merge base (the group's weights are merged here)" if r.get("into") == r["layer"]
+            else f"merged into layer {r['into']}") for r in part]
         fig.add_trace(go.Bar(
             x=[int(r["layer"]) for r in part], y=[1] * len(part), name=f"{status} ({len(part)})",
             marker=dict(color=STATUS_COLORS[status], line=dict(color="white", width=1)),
@@ -397,7 +400,7 @@ def save_figure(fig: go.Figure, path: str | Path, png: bool = True, width: int =
 
 
 __all__ = [
-    "STRATEGY_COLORS", "STATUS_COLORS", "PNG_HINT", "strategy_color", "bar_values", "bi_bar", "similar_runs",
+    "STRATEGY_COLORS", "STATUS_COLORS", "PNG_HINT", "strategy_color", "bar_values", "bi_bar", "merge_groups", "similar_runs",
     "similarity_heatmap", "layer_strip", "sweep_figure", "save_figure", "figure_png_bytes",
     "png_available",
 ]

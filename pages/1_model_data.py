@@ -29,8 +29,9 @@ default_label = DEFAULT_MODEL_LABEL if server_default == DEFAULT_MODEL_ID else f
 # ---- first visit: a quick analysis of the bundled default, no typing ---------------------------------------
 if ui.current_report() is None and not ss.get(ui.SS_AUTO) and not ss.get(ui.SS_CANCELLED):
     ui.ensure_report(auto=True)
-if ss.get(ui.SS_CANCELLED):
-    st.warning("Analysis cancelled; the results on screen (if any) are from the previous analysis.", icon=":material/stop_circle:")
+if ss.pop(ui.SS_CANCELLED, False):
+    st.warning("Analysis cancelled; the results on screen (if any) are from the previous analysis.",
+               icon=":material/stop_circle:")
 
 # ---- settings --------------------------------------------------------------------------------------------
 with st.container(border=True):

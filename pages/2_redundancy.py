@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.plots import bi_bar, similar_runs, similarity_heatmap
+from layerlens.plots import bi_bar, merge_groups, similarity_heatmap
 from pages import _ui as ui
 
 st.title("Redundancy")
@@ -37,20 +37,24 @@ with st.container(border=True):
     t1, t2 = st.columns([2, 1])
     threshold = t1.slider("Similarity threshold: outline runs of consecutive layers at or above it",
                           0.50, 1.00, 0.90, 0.01, key="rd_threshold", persist_state="session",
-                          help="A run starts at a state and extends while the similarity to that first state "
-                               "stays ≥ threshold: the patch-like blocks sliding layer merging (SLM) collapses.")
+                          help="Outlines the runs of consecutive layers whose outputs stay at least this similar "
+                               "(sliding layer merging's rule, from the top layer down): the patch-like blocks "
+                               "SLM collapses into one layer each.")
     kinds = t2.multiselect("Matrices", ["cosine", "cka"], default=["cosine", "cka"], key="rd_kinds",
                            format_func={"cosine": "Cosine", "cka": "Linear CKA"}.get, persist_state="session")
     cols = st.columns(max(1, len(kinds)))
     for col, kind in zip(cols, kinds, strict=False):
         with col:
             ui.chart(similarity_heatmap(report, kind, threshold=threshold), key=f"rd_heat_{kind}")
-            runs = similar_runs(getattr(report, kind), threshold)
-            if runs:
-                text = "; ".join(f"layers {s}–{e - 1}" if e - s > 1 else f"layer {s}" for s, e in runs)
-                st.caption(f"{kind.upper() if kind == 'cka' else 'Cosine'} runs ≥ {threshold:.2f}: {text} "
-                           f"(states h_s…h_e; {sum(e - s for s, e in runs)} layers inside runs).")
+            groups = merge_groups(report, kind, threshold)
+            name = "CKA" if kind == "cka" else "Cosine"
+            if groups:
+                text = ", ".join(f"{g[0]}–{g[-1]}" for g in groups)
+                st.caption(f"{name} runs ≥ {threshold:.2f}: layers {text} — sliding merge would turn "
+                           f"{sum(len(g) for g in groups)} layers into {len(groups)} "
+                           f"(−{sum(len(g) - 1 for g in groups)} layers).")
             else:
-                st.caption(f"No two consecutive states reach {threshold:.2f}; lower the threshold.")
-st.caption("States: h_i is the input of decoder layer i, h_L the last layer's output (before the final norm). "
-           "Hover any cell for the exact value and the layers it spans.")
+                st.caption(f"{name}: no two consecutive layers' outputs reach {threshold:.2f}; lower the "
+                           "threshold.")
+st.caption("States: h_i is the input of decoder layer i, so layer i's output is h_i+1 and h_L is the last "
+           "layer's output (before the final norm). Hover any cell for the exact value and the layers it spans.")

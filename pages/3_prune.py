@@ -112,8 +112,7 @@ from layerlens.plans import plan_summary  # noqa: E402
 ui.chart(layer_strip(plan_summary(plan)), key="pr_strip")
 
 if mode == "slm":
-    ui.chart(similarity_heatmap(report, new_ps.criterion, threshold=plan.params.get("threshold", new_ps.threshold)),
-             key="pr_heat")
+    ui.chart(similarity_heatmap(report, new_ps.criterion, groups=plan.merge), key="pr_heat")
 else:
     metric = "magnitude" if mode == "strategy" and new_ps.strategy == "magnitude" else "bi"
     ui.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="pr_bar", on_select=_on_bar_select,

@@ -94,7 +94,7 @@ f1, f2 = st.columns(2)
 with f1:
     if plan.strategy == "slm":
         crit = plan.params.get("criterion", "cka")
-        ui.chart(similarity_heatmap(report, crit, threshold=plan.params.get("threshold", 0.9)), key="sm_heat")
+        ui.chart(similarity_heatmap(report, crit, groups=plan.merge), key="sm_heat")
     else:
         ui.chart(similarity_heatmap(report, "cosine", threshold=0.9), key="sm_heat")
 with f2:

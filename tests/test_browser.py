@@ -287,3 +287,23 @@ def test_two_sessions_share_the_model_but_not_plans(server, pages):
     a.get_by_text("15 of 30 layers kept").first.wait_for(timeout=300_000)
     shoot(a, "07_session_a")
     shoot(b, "07_session_b")
+
+
+def test_cancel_keeps_earlier_results(server, pages):
+    page = pages()
+    page.goto(server)
+    page.get_by_text("Model card").wait_for(timeout=300_000)
+    idle(page)
+    page.locator(".st-key-md_samples input").fill("512")
+    page.locator(".st-key-md_samples input").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Analyze").click()
+    cancel = page.get_by_role("button", name="Cancel")
+    cancel.wait_for(timeout=120_000)
+    page.wait_for_timeout(1500)
+    cancel.click()
+    page.get_by_text("Analysis cancelled").wait_for(timeout=300_000)
+    idle(page)
+    expect(page.get_by_text("Model card")).to_be_visible()  # the earlier report stays on screen
+    assert metric(page, "Decoder layers") == "30"
+    shoot(page, "08_cancelled")

@@ -96,14 +96,20 @@ def test_heatmap_shape_labels_and_ticks(kind):
 
 def test_heatmap_outlines_runs_above_threshold():
     rep = _report()
-    assert similar_runs(rep.cosine, 0.9) == [(2, 5)]
+    assert similar_runs(rep, "cosine", 0.9) == [(2, 5)]  # outputs of layers 1..4 = states 2..5
     fig = similarity_heatmap(rep, "cosine", threshold=0.9)
     rects = [s for s in fig.layout.shapes if s.type == "rect"]
     assert len(rects) == 1
     assert (rects[0].x0, rects[0].x1, rects[0].y0, rects[0].y1) == (1.5, 5.5, 1.5, 5.5)
     assert "1 run" in fig.layout.title.text
-    assert similar_runs(rep.cosine, 0.99) == []
-    assert similar_runs(rep.cosine, 0.2) == [(0, rep.num_layers)]  # everything similar: one run
+    assert similar_runs(rep, "cosine", 0.99) == []
+    assert similar_runs(rep, "cosine", 0.2) == [(1, rep.num_layers - 1)]  # one group; SLM keeps the last layer
+    from layerlens.plans import slm_plan
+
+    plan = slm_plan(rep, 0.9, criterion="cosine")
+    fig = similarity_heatmap(rep, "cosine", groups=plan.merge)  # a plan's own groups
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert [(r.x0, r.x1) for r in rects] == [(1.5, 5.5)] and "merge group" in fig.layout.title.text
 
 
 def test_bi_bar_metrics_highlight_and_axes():
@@ -135,6 +141,6 @@ def test_layer_strip_statuses():
     names = {t.name.split(" ")[0]: t for t in fig.data}
     assert set(names) == {"kept", "removed", "merged"}
     assert list(names["removed"].x) == [1]
-    assert list(names["merged"].text) == ["3→3", "4→3"]
+    assert list(names["merged"].text) == ["3", "4→3"]  # the base keeps its number
     assert "0-based" in fig.layout.xaxis.title.text
     assert "4 of 6 layers remain (1 removed, 2 merged into 1)" in fig.layout.title.text
