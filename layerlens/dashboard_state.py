@@ -428,8 +428,22 @@ def matrix_csv(matrix: Any) -> str:
     return pd.DataFrame([list(r) for r in matrix], index=names, columns=names).to_csv(index_label="state")
 
 
+def current_marker(frame: Any, plan: Any, metric: str) -> dict[str, Any] | None:
+    """The ``current=`` argument of :func:`layerlens.plots.sweep_figure` for ``plan``: its ratio, and its
+    value when the sweep evaluated it (a row with strategy ``current`` removing the same layers)."""
+    if plan is None:
+        return None
+    value = None
+    if frame is not None and len(frame) and metric in frame:
+        layers = ",".join(map(str, plan.removed_layers))
+        rows = frame[(frame["strategy"] == "current") & (frame["removed_layers"].fillna("").astype(str) == layers)]
+        if len(rows) and rows[metric].notna().iloc[0]:
+            value = float(rows[metric].iloc[0])
+    return {"ratio": plan.ratio, "label": f"current plan ({plan.strategy})", "value": value}
+
+
 __all__ = [
-    "AnalysisSettings", "PlanSettings", "build_plan", "check_upload", "confine_path", "data_root",
+    "AnalysisSettings", "PlanSettings", "build_plan", "current_marker", "check_upload", "confine_path", "data_root",
     "default_model_spec", "from_query", "params_after", "parse_layers", "plan_reason", "to_query",
     "metrics_frame", "matrix_csv", "safe_name", "save_pruned_model", "zip_folder", "MAX_UPLOAD_MB", "PRUNE_STRATEGIES", "STRATEGY_LABELS", "PLAN_MODES", "PLAN_MODE_LABELS",
 ]

@@ -86,10 +86,14 @@ def build_report_html(report: Any, *, plan: Any = None, model_info: dict[str, An
         figs.append(("Plan", layer_strip(plan_summary(plan))))
     if sweep_frame is not None and len(sweep_frame):
         curves = sweep_frame[sweep_frame["strategy"] != "current"]
-        cur = {"ratio": plan.ratio, "label": "current plan"} if plan is not None else None
-        figs.append(("Perplexity sweep", sweep_figure(curves, "perplexity", current=cur)))
+        def cur(metric: str) -> dict[str, Any] | None:
+            from .dashboard_state import current_marker
+
+            return current_marker(sweep_frame, plan, metric)
+
+        figs.append(("Perplexity sweep", sweep_figure(curves, "perplexity", current=cur("perplexity"))))
         if sweep_frame["mmlu_accuracy"].notna().any():
-            figs.append(("MMLU sweep", sweep_figure(curves, "mmlu_accuracy", current=cur)))
+            figs.append(("MMLU sweep", sweep_figure(curves, "mmlu_accuracy", current=cur("mmlu_accuracy"))))
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title or 'LayerLens report')}</title>"
              f"<style>{_CSS}</style></head><body>"]

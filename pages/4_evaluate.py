@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.dashboard_state import STRATEGY_LABELS
+from layerlens.dashboard_state import STRATEGY_LABELS, current_marker
 from layerlens.plots import sweep_figure
 from pages import _ui as ui
 
@@ -53,6 +53,9 @@ with st.container(border=True):
     b2.caption("Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep again "
                "resumes where it stopped.")
 
+if ss.pop("ll_sweep_stopped", False):
+    st.warning("Sweep stopped. Every finished point is saved: press **Run sweep** with the same settings to "
+               "resume from them.", icon=":material/stop_circle:")
 plan = ui.current_plan(report)
 settings = ui.current_settings()
 sweep_key = ui.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
@@ -80,18 +83,10 @@ if frame is None:
     st.stop()
 
 curves = frame[frame["strategy"] != "current"]
-cur_rows = frame[frame["strategy"] == "current"]
-cur_row = cur_rows.iloc[0] if len(cur_rows) else None
-label = f"current plan ({plan.strategy})" if plan is not None else "current plan"
 
 
 def _current(metric: str):
-    if plan is None:
-        return None
-    value = None
-    if cur_row is not None and cur_row["removed_layers"] == ",".join(map(str, plan.removed_layers)):
-        value = cur_row[metric]
-    return {"ratio": plan.ratio, "value": value, "label": label}
+    return current_marker(frame, plan, metric)
 
 
 f1, f2 = st.columns(2)

@@ -8,6 +8,7 @@ import json
 import streamlit as st
 
 from layerlens.dashboard_state import (
+    current_marker,
     matrix_csv,
     metrics_frame,
     params_after,
@@ -92,10 +93,11 @@ if plan is not None:
     figures["plan"] = ("Layer plan strip", lambda: layer_strip(plan_summary(plan)))
 if sweep_frame is not None:
     curves = sweep_frame[sweep_frame["strategy"] != "current"]
-    cur = {"ratio": plan.ratio, "label": "current plan"} if plan is not None else None
-    figures["sweep_ppl"] = ("Perplexity vs ratio", lambda: sweep_figure(curves, "perplexity", current=cur))
+    figures["sweep_ppl"] = ("Perplexity vs ratio", lambda: sweep_figure(
+        curves, "perplexity", current=current_marker(sweep_frame, plan, "perplexity")))
     if sweep_frame["mmlu_accuracy"].notna().any():
-        figures["sweep_mmlu"] = ("MMLU vs ratio", lambda: sweep_figure(curves, "mmlu_accuracy", current=cur))
+        figures["sweep_mmlu"] = ("MMLU vs ratio", lambda: sweep_figure(
+            curves, "mmlu_accuracy", current=current_marker(sweep_frame, plan, "mmlu_accuracy")))
 png_ok = png_available()
 with st.container(border=True):
     for key, (label, make) in figures.items():

@@ -288,6 +288,7 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
     with guarded("analyzing the model"):
         settings.validate()
         status = st.status(f"{label}: loading {settings.model}…", expanded=True)
+        slot = st.empty()  # progress + Cancel live outside the status, so they stay visible however it is folded
         with status, _status_error_on_failure(status):
             t0 = time.perf_counter()
             shared = get_model(settings)
@@ -307,10 +308,12 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
                 config = CaptureConfig(samples=settings.samples, seq_len=settings.seq_len,
                                        batch_size=settings.batch_size, cka_estimator=settings.cka_estimator,
                                        seed=settings.seed)
-                status.update(label=f"{label}: {settings.samples} samples × {settings.seq_len} tokens…")
-                bar = st.progress(0.0, text="Starting…")
-                st.button("Cancel", key="ll_cancel_analysis", on_click=_request_cancel,
-                          help="Stop the analysis; the results already on screen are kept.")
+                status.update(label=f"{label}: {settings.samples} samples × {settings.seq_len} tokens…",
+                              expanded=True)
+                box = slot.container()
+                bar = box.progress(0.0, text="Starting…")
+                box.button("Cancel", key="ll_cancel_analysis", on_click=_request_cancel, icon=":material/stop:",
+                           help="Stop the analysis; the results already on screen are kept.")
                 t1 = time.perf_counter()
 
                 def progress(done: int, total: int, msg: str) -> None:
@@ -324,7 +327,7 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
                     report = analyze(shared.model, shared.tokenizer, texts, config, progress=progress,
                                      should_stop=lambda: bool(ss.get(SS_CANCELLED)), meta=meta)
                 report.save(path)
-                bar.progress(1.0, text="Done")
+                slot.empty()
                 status.update(label=f"Analyzed {report.num_layers} layers in {time.perf_counter() - t1:.1f} s",
                               state="complete", expanded=False)
         ss[SS_REPORT] = report
@@ -569,10 +572,12 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
     if current_plan is not None:
         plans.append(("current", current_plan.ratio, current_plan))
     status = st.status(f"Sweep: {len(plans)} points…", expanded=True)
+    slot = st.empty()
     with status, _status_error_on_failure(status):
-        bar = st.progress(0.0, text="Preparing the evaluation data…")
-        st.button("Stop", key="ll_stop_sweep", on_click=_request_stop, icon=":material/stop_circle:",
-                  help="Stop after the current point; finished points stay saved.")
+        box = slot.container()
+        bar = box.progress(0.0, text="Preparing the evaluation data…")
+        box.button("Stop", key="ll_stop_sweep", on_click=_request_stop, icon=":material/stop_circle:",
+                   help="Stop now; finished points stay saved and Run sweep resumes from them.")
         t0 = time.perf_counter()
 
         def progress(done: int, total: int, label: str) -> None:
@@ -583,6 +588,7 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
             frame = sweep(shared.model, shared.tokenizer, report, plans=plans, ppl_texts=ppl_texts,
                           questions=questions, seq_len=seq_len, max_windows=windows,
                           runs_dir=default_runs_dir(), model_id=shared.info.to_dict(), progress=progress)
+        slot.empty()
         status.update(label=f"Sweep done: {len(frame)} points in {time.perf_counter() - t0:.0f} s",
                       state="complete", expanded=False)
     atomic_write_text(_sweep_csv(key), frame.to_csv(index=False))
