@@ -102,7 +102,8 @@ def bi_bar(report: Any, metric: str = "bi", block_size: int = 1, highlight: Any 
         xaxis_title="Decoder layer index (0-based)" if n == 1 else f"First layer of the {n}-layer block (0-based)",
         yaxis_title=ytitle, showlegend=False, bargap=0.15, dragmode="select", **_LAYOUT,
     )
-    fig.update_xaxes(tickmode="linear", tick0=0, dtick=_tick_step(len(values)), range=[-0.6, len(values) - 0.4])
+    step = 1 if len(values) <= 24 else 2 if len(values) <= 64 else _tick_step(len(values))
+    fig.update_xaxes(tickmode="linear", tick0=0, dtick=step, range=[-0.6, len(values) - 0.4], tickangle=0)
     return fig
 
 

@@ -307,3 +307,40 @@ def test_cancel_keeps_earlier_results(server, pages):
     expect(page.get_by_text("Model card")).to_be_visible()  # the earlier report stays on screen
     assert metric(page, "Decoder layers") == "30"
     shoot(page, "08_cancelled")
+
+
+def test_uploads_are_checked_and_private(server, pages, tmp_path):
+    good = tmp_path / "my_notes.txt"
+    good.write_text("\n\n".join(f"Note {i}: the committee met again to discuss the budget for the new library "
+                                f"building and agreed to meet next week." for i in range(12)), encoding="utf-8")
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 2000)
+    a, b = pages(), pages()
+    for page in (a, b):
+        page.goto(server)
+        page.get_by_text("Model card").wait_for(timeout=300_000)
+        idle(page)
+    a.locator(".st-key-md_data_source").click()
+    a.get_by_role("option", name="Upload a file").click()
+    idle(a)
+    a.locator(".st-key-md_upload input[type='file']").set_input_files(str(binary))
+    idle(a)
+    a.get_by_role("button", name="Analyze").click()
+    idle(a)
+    expect(a.get_by_text("looks like a binary file").first).to_be_visible(timeout=120_000)
+    assert metric(a, "Decoder layers") == "30"  # the earlier analysis stays
+    a.locator(".st-key-md_upload input[type='file']").set_input_files(str(good))
+    idle(a)
+    a.locator(".st-key-md_samples input").fill("4")
+    a.locator(".st-key-md_samples input").press("Enter")
+    idle(a)
+    a.get_by_role("button", name="Analyze").click()
+    a.get_by_text("upload:my_notes.txt").first.wait_for(timeout=300_000)
+    idle(a)
+    shoot(a, "09_upload")
+    # the other session still analyses the bundled corpus and cannot see the upload
+    b.reload()
+    b.get_by_text("Model card").wait_for(timeout=300_000)
+    idle(b)
+    expect(b.get_by_text("of default:calibration").first).to_be_visible()
+    assert b.get_by_text("my_notes.txt").count() == 0
