@@ -170,6 +170,14 @@ def perplexity_windows(tokenizer: Any, texts: Any, seq_len: int = DEFAULT_SEQ_LE
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def check_window(model: torch.nn.Module, seq_len: int) -> None:
+    """Refuse a window longer than the model's positions (one sentence naming the limit)."""
+    from .data import check_seq_len
+    from .loading import max_positions
+
+    check_seq_len(seq_len, max_positions(model.config))
+
+
 class PerplexityTask:
     """The windows of one perplexity evaluation, batched; :meth:`run` scores them with any forward."""
 
@@ -210,6 +218,7 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Any, seq_len: int 
                batch_size: int = DEFAULT_PPL_BATCH, max_windows: int | None = None,
                progress: ProgressFn | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on ``texts`` (str, list of str, or a TextSet), standard window protocol."""
+    check_window(model, seq_len)
     task = PerplexityTask(tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
     return task.run(plain_forward(model), progress)
 

@@ -4,15 +4,18 @@ Three things make a sweep fast without changing any number:
 
 1. **No reload, no copy.** Each plan is applied to the one model in place with
    :func:`layerlens.surgery.pruned`, which restores it exactly afterwards.
-2. **Prefix reuse.** A plan whose first affected layer is ``k`` keeps layers ``0..k-1``, so the input of
-   layer ``j <= k`` is the same as in the unpruned model. The unpruned pass (ratio 0, needed anyway)
-   records the input of a few layers ``j`` for every evaluation batch (CPU, model dtype, within
-   ``cache_bytes``); each plan then runs only its tail: the prefix ``0..j-1`` is dropped for the call
-   (again with :func:`pruned`) and a forward pre-hook on the first remaining layer substitutes the recorded
-   input. Substituting the *layer input* leaves everything before the layers (Gemma's embedding scaling,
-   GPT-2/OPT position embeddings) untouched; masks and rotary tables depend only on positions, which
-   are unchanged. The recorded layers are chosen by a small dynamic program that maximises the number of
-   layer passes saved. Tests check the numbers equal evaluating each pruned model from scratch.
+2. **Shared prefixes are computed once.** The residual state at the input of original layer ``o``
+   depends only on what the plan does to layers ``0..o-1``. Plans are run in lexicographic order of their
+   per-layer decisions (keep < drop < merge), a depth-first walk of the tree of shared prefixes; a run
+   records the layer inputs (every batch, on CPU, in the model dtype) that later plans share with it, and
+   a later plan runs only its tail: its first layers are dropped for the call (again with
+   :func:`pruned`) and a forward pre-hook on the first remaining layer substitutes the recorded input.
+   Substituting the *layer input* leaves everything before the layers untouched (Gemma's embedding
+   scaling, GPT-2/OPT position embeddings); masks and rotary tables depend only on positions, which do
+   not change. With BI plans (nested sets) the unpruned pass feeds the first tails and each plan feeds
+   the next. At most ``cache_bytes`` of states are held; beyond that, the states saving the fewest layer
+   passes are not kept (those plans start shallower). Tests check the numbers equal evaluating each
+   saved-and-reloaded pruned model from scratch.
 3. **Persisted points.** Each (plan, evaluation) result is stored under
    ``runs_dir/sweep/points/<key>.json``, ``key = stable_key(model fingerprint, evaluation identity (exact
    tokens), effective plan (method, removed/merged layers), settings)``. A finished point is read back
@@ -25,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from .evaluation import (
     PerplexityResult,
     PerplexityTask,
     ProgressFn,
+    check_window,
     harness_max_length,
     model_logits,
     plain_forward,
@@ -68,8 +71,7 @@ class SweepStats:
     units: int
     computed: int
     cached: int
-    capture_passes: int
-    cached_layers: dict[str, tuple[int, ...]]
+    peak_states: dict[str, int]
     layer_passes: int
     layer_passes_from_scratch: int
 
@@ -87,12 +89,13 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     """
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].to("cpu", torch.float64)
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
+        if p.device.type == "meta":  # offloaded weights: shape only
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step][:4096].to("cpu", torch.float64).numpy().tobytes())
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
     config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
     param = next(model.parameters())
@@ -115,8 +118,99 @@ def first_affected_layer(plan: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Prefix reuse
+# Prefix reuse: a schedule over the tree of shared decision prefixes
 # --------------------------------------------------------------------------------------------------------
+
+Ops = tuple[Any, ...]
+
+
+def plan_ops(plan: Any) -> Ops:
+    """What the plan does to each original layer: 0 keep, 1 drop, ``(2, size, formula)`` a merged base.
+
+    The residual state at the input of original layer ``o`` depends only on ``ops[:o]`` (exactly: on
+    :func:`state_key`).
+    """
+    bases = {g[0]: g for g in plan.merge}
+    gone = set(plan.removed_layers)
+    return tuple((2, len(bases[i]), plan.merge_formula) if i in bases else (1 if i in gone else 0)
+                 for i in range(plan.num_layers))
+
+
+def state_key(ops: Ops, o: int) -> tuple:
+    """Identity of the residual state at the input of original layer ``o``: the layers applied before it
+    (index and operation); dropped layers apply nothing, so plans that differ only in which of them
+    they drop share the state."""
+    return tuple((i, op) for i, op in enumerate(ops[:o]) if op != 1)
+
+
+def _sort_key(ops: Ops) -> tuple:
+    return tuple((op, 0, "") if isinstance(op, int) else op for op in ops)
+
+
+@dataclass(frozen=True)
+class ReuseStep:
+    """One plan's run: substitute the input of original layer ``start`` (0: run from the embeddings) and
+    record the inputs of the original layers in ``record`` for later plans; ``release`` lists the states
+    no longer needed afterwards (by :func:`state_key`)."""
+
+    plan_index: int
+    start: int
+    record: tuple[int, ...]
+    release: tuple[tuple, ...]
+    layer_passes: int
+
+
+def _simulate(ops: list[Ops], kept: list[tuple[int, ...]], order: list[int],
+              banned: set[tuple]) -> tuple[list[int], dict[tuple, int], dict[tuple, list[int]]]:
+    computed: dict[tuple, int] = {}  # state key -> position (in order) of the run that computes it
+    starts = []
+    for pos, i in enumerate(order):
+        # () is the embedding output: recomputed, never stored (a plan dropping only leading layers)
+        cands = [o for o in kept[i] if state_key(ops[i], o) and state_key(ops[i], o) in computed
+                 and state_key(ops[i], o) not in banned]
+        start = max(cands, default=0)
+        starts.append(start)
+        for o in kept[i]:
+            if o >= start:
+                computed.setdefault(state_key(ops[i], o), pos)
+    consumers: dict[tuple, list[int]] = {}
+    for pos, i in enumerate(order):
+        if starts[pos] > 0:
+            consumers.setdefault(state_key(ops[i], starts[pos]), []).append(pos)
+    return starts, computed, consumers
+
+
+def schedule_reuse(plans: Sequence[Any], max_states: int | None) -> list[ReuseStep]:
+    """The order to run ``plans`` in and, for each, where to start and what to record.
+
+    Plans run in lexicographic order of their decisions (keep before drop), a depth-first walk of the
+    tree of shared prefixes; each starts from the deepest state an earlier run recorded, so every
+    (prefix, layer) node of the tree is computed once. At most ``max_states`` states (each the inputs of
+    one layer for every batch) are held at a time (None: no limit); when the schedule would hold more,
+    the states saving the fewest layer passes are not kept and their plans start shallower.
+    """
+    ops = [plan_ops(p) for p in plans]
+    kept = [tuple(p.kept_layers) for p in plans]
+    order = sorted(range(len(plans)), key=lambda i: (_sort_key(ops[i]), i))
+    banned: set[tuple] = set()
+    while True:
+        starts, computed, consumers = _simulate(ops, kept, order, banned)
+        last_use = {key: max(users) for key, users in consumers.items()}
+        live = [sum(1 for key, last in last_use.items() if computed[key] <= pos <= last)
+                for pos in range(len(order))]
+        if max_states is None or max(live, default=0) <= max_states or not consumers:
+            break
+        # drop the state whose consumers save the fewest layer passes
+        worst = min(consumers, key=lambda key: (len(key) * len(consumers[key]), len(key)))
+        banned.add(worst)
+    steps = []
+    for pos, i in enumerate(order):
+        record = tuple(o for o in kept[i] if o > starts[pos] and state_key(ops[i], o) in consumers
+                       and computed[state_key(ops[i], o)] == pos)
+        release = tuple(key for key, last in last_use.items() if last == pos)
+        passes = sum(1 for o in kept[i] if o >= starts[pos])
+        steps.append(ReuseStep(i, starts[pos], record, release, passes))
+    return steps
 
 
 def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -125,105 +219,50 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tu
     return (hidden, *args[1:]), kwargs
 
 
-class LayerInputCache:
-    """The input of chosen decoder layers for every batch of one evaluation (CPU, model dtype)."""
-
-    def __init__(self, layers: Sequence[int]):
-        self.layers = tuple(sorted(set(layers)))
-        self.states: dict[int, list[torch.Tensor]] = {j: [] for j in self.layers}
-        self.nbytes = 0
-
-    @contextlib.contextmanager
-    def recording(self, model: torch.nn.Module) -> Iterator[None]:
-        mods = decoder_layers(model)
-        handles = []
-
-        def make(j: int):
-            def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                saved = hidden.detach().to("cpu", copy=True)
-                self.states[j].append(saved)
-                self.nbytes += saved.numel() * saved.element_size()
-
-            return hook
-
-        for j in self.layers:
-            handles.append(mods[j].register_forward_pre_hook(make(j), with_kwargs=True))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def best(self, limit: int) -> int:
-        """The deepest recorded layer ``<= limit`` (0: none, run the whole model)."""
-        usable = [j for j in self.layers if j <= limit]
-        return max(usable) if usable else 0
-
-    def tail_forward(self, model: torch.nn.Module, j: int) -> Forward:
-        """A forward for the model *as it is now* (pruned, with layers ``0..j-1`` intact) that runs only
-        layers ``j..``, starting from the recorded input of original layer ``j``."""
-        from .plans import PrunePlan
-        from .surgery import pruned
-
-        states = self.states[j]
-
-        def forward(index: int, batch: EvalBatch) -> torch.Tensor:
-            n = layer_count(model)
-            prefix = PrunePlan(n, "remove", remove=tuple(range(j)), strategy="manual")
-            with pruned(model, prefix):
-                first = decoder_layers(model)[0]
-                cached = states[index]
-                device = next(model.parameters()).device
-
-                def pre(_module: torch.nn.Module, args: tuple, kwargs: dict):
-                    return _replace_hidden(args, kwargs, cached.to(device))
-
-                handle = first.register_forward_pre_hook(pre, with_kwargs=True)
-                try:
-                    return model_logits(model, batch)
-                finally:
-                    handle.remove()
-
-        return forward
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def choose_cached_layers(limits: Sequence[int], max_layers: int) -> tuple[int, ...]:
-    """At most ``max_layers`` layer indices S maximising sum over plans of max{j in S, j <= limit}.
+@contextlib.contextmanager
+def _recording(layers: Mapping[int, torch.nn.Module], into: dict[int, list[torch.Tensor]]) -> Iterator[None]:
+    """Append the input of each given layer (one entry per forward) to ``into[o]``, on CPU."""
+    handles = []
 
-    ``limits``: for each plan, the deepest layer whose input it may reuse. Exact dynamic program over the
-    distinct limits (a 1-D facility location), small: one entry per plan.
-    """
-    cands = sorted({x for x in limits if x > 0})
-    if not cands or max_layers < 1:
-        return ()
-    m = min(max_layers, len(cands))
+    def make(o: int):
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            into[o].append(_layer_input(args, kwargs).detach().to("cpu", copy=True))
 
-    n = len(cands)
-    # table[lo][hi]: plans served by cands[lo] when the next chosen candidate is cands[hi] (hi = n: none)
-    table = [[sum(cands[lo] for x in limits if cands[lo] <= x < (cands[hi] if hi < n else math.inf))
-              for hi in range(n + 1)] for lo in range(n)]
+        return hook
 
-    def gain(lo: int, hi: int) -> int:
-        return table[lo][hi]
+    for o, mod in layers.items():
+        into.setdefault(o, [])
+        handles.append(mod.register_forward_pre_hook(make(o), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
-    # best[c][r]: best total for candidates >= c when cands[c] is chosen and r more may be chosen after it
-    best = [[0] * (m + 1) for _ in range(n)]
-    nxt: list[list[int | None]] = [[None] * (m + 1) for _ in range(n)]
-    for c in range(n - 1, -1, -1):
-        for r in range(m + 1):
-            best[c][r] = gain(c, n)
-            if r > 0:
-                for d in range(c + 1, n):
-                    v = gain(c, d) + best[d][r - 1]
-                    if v > best[c][r]:
-                        best[c][r], nxt[c][r] = v, d
-    start = max(range(n), key=lambda c: (best[c][m - 1], -c))
-    chosen, c, r = [], start, m - 1
-    while c is not None:
-        chosen.append(cands[c])
-        c, r = nxt[c][r], r - 1
-    return tuple(chosen)
+
+def tail_forward(model: torch.nn.Module, skip: int, states: Sequence[torch.Tensor]) -> Forward:
+    """A forward for ``model`` as it is now that skips its first ``skip`` decoder layers and feeds the
+    next one the recorded ``states[batch_index]`` (the input that layer has in the full pass)."""
+    from .plans import PrunePlan
+    from .surgery import pruned
+
+    def forward(index: int, batch: EvalBatch) -> torch.Tensor:
+        prefix = PrunePlan(layer_count(model), "remove", remove=tuple(range(skip)), strategy="manual")
+        with pruned(model, prefix):
+            device = next(model.parameters()).device
+            cached = states[index]
+            handle = decoder_layers(model)[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: _replace_hidden(args, kwargs, cached.to(device)), with_kwargs=True)
+            try:
+                return model_logits(model, batch)
+            finally:
+                handle.remove()
+
+    return forward
 
 
 def _batch_bytes(task: Any, hidden: int, elem: int) -> int:
@@ -331,19 +370,20 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
 
     tasks: list[Any] = []
     if ppl_texts is not None:
+        check_window(model, seq_len)
         tasks.append(PerplexityTask(tokenizer, ppl_texts, seq_len=seq_len, batch_size=ppl_batch_size,
                                     max_windows=max_windows))
     if questions is not None:
         tasks.append(MMLUTask(tokenizer, questions, shots=shots, dev=dev, batch_size=mmlu_batch_size,
                               max_length=harness_max_length(model, tokenizer)))
     identity = model_fingerprint(model) | {"id": dict(model_id or {})}
+    data_source = {"perplexity": getattr(ppl_texts, "source", None), "mmlu": getattr(questions, "source", None)}
     runs = Path(runs_dir) if runs_dir is not None else None
 
-    # Unique effective plans, baseline (no change) first.
-    unique: dict[str, Any] = {}
+    unique: dict[str, Any] = {}  # one computation per distinct pruned model
     for _, _, plan in plans:
         unique.setdefault(stable_key(effective_plan(plan)), plan)
-    order = sorted(unique, key=lambda k: first_affected_layer(unique[k]) < num_layers)
+    order = list(unique)
     units: dict[tuple[int, str], _Unit] = {}
     for ti, task in enumerate(tasks):
         tid = task.identity()
@@ -360,8 +400,8 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
 
     total = len(units)
     done = sum(u.cached for u in units.values())
-    capture_passes = layer_passes = scratch_passes = 0
-    chosen_layers: dict[str, tuple[int, ...]] = {}
+    layer_passes = scratch_passes = 0
+    held_states: dict[str, int] = {}
     param = next(model.parameters())
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
 
@@ -372,8 +412,10 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
                 "format": POINT_FORMAT, "key": unit.key, "kind": unit.task.kind,
                 "plan": unit.plan.to_dict(), "task": unit.task.identity(), "model": identity,
                 "result": _result_to_dict(unit.result), "seconds": unit.seconds,
-                "meta": provenance(model=identity.get("id", {}).get("model"), dtype=identity["dtype"],
-                                   device=identity["device"], seq_len=seq_len, seed=seed)})
+                "meta": provenance(model=identity["id"].get("model"), revision=identity["id"].get("revision"),
+                                   dtype=identity["dtype"], device=identity["device"], data=data_source,
+                                   samples=getattr(unit.result, "n_windows", getattr(unit.result, "n", None)),
+                                   seq_len=seq_len, seed=seed)})
         done += 1
         if progress is not None:
             progress(done, total, f"{unit.task.kind} {unit.plan.describe()}")
@@ -383,38 +425,37 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
             todo = [units[(ti, pk)] for pk in order if not units[(ti, pk)].cached]
             if not todo:
                 continue
-            base = [u for u in todo if first_affected_layer(u.plan) >= num_layers]
-            rest = [u for u in todo if first_affected_layer(u.plan) < num_layers]
-            limits = [min(first_affected_layer(u.plan), u.plan.num_layers_after - 1) for u in rest]
-            per_layer = _batch_bytes(task, hidden, param.element_size())
-            max_layers = int(cache_bytes // per_layer) if reuse and per_layer > 0 else 0
-            layers = choose_cached_layers(limits, max_layers)
-            saving = sum(max([j for j in layers if j <= x], default=0) for x in limits)
-            if not base and saving <= num_layers:  # a capture pass alone would cost more than it saves
-                layers = ()
-            cache = LayerInputCache(layers)
-            chosen_layers[task.kind] = layers
-            if base or layers:
+            per_state = _batch_bytes(task, hidden, param.element_size())
+            max_states = int(cache_bytes // per_state) if reuse and per_state > 0 else 0
+            steps = schedule_reuse([u.plan for u in todo], max_states)
+            states: dict[tuple, list[torch.Tensor]] = {}
+            peak = 0
+            for step in steps:
+                u = todo[step.plan_index]
+                ops = plan_ops(u.plan)
                 t0 = time.perf_counter()
-                with cache.recording(model):
-                    result = task.run(plain_forward(model))
-                capture_passes += 1
-                layer_passes += num_layers
-                scratch_passes += num_layers * len(base)
-                for u in base:
-                    u.result, u.seconds = result, time.perf_counter() - t0
-                    persist(u)
-            for u in rest:
-                t0 = time.perf_counter()
-                j = cache.best(min(first_affected_layer(u.plan), u.plan.num_layers_after - 1))
                 with pruned(model, u.plan):
-                    forward = cache.tail_forward(model, j) if j > 0 else plain_forward(model)
-                    u.result = task.run(forward)
+                    kept = list(u.plan.kept_layers)
+                    mods = decoder_layers(model)
+                    recorded: dict[int, list[torch.Tensor]] = {}
+                    with _recording({o: mods[kept.index(o)] for o in step.record}, recorded):
+                        if step.start > 0:
+                            forward = tail_forward(model, kept.index(step.start),
+                                                   states[state_key(ops, step.start)])
+                        else:
+                            forward = plain_forward(model)
+                        u.result = task.run(forward)
+                for o, tensors in recorded.items():
+                    states[state_key(ops, o)] = tensors
+                peak = max(peak, len(states))
+                for key in step.release:
+                    states.pop(key, None)
                 u.seconds = time.perf_counter() - t0
-                layer_passes += u.plan.num_layers_after - j
+                layer_passes += step.layer_passes
                 scratch_passes += u.plan.num_layers_after
                 persist(u)
-            del cache
+            held_states[task.kind] = peak
+            states.clear()
     finally:
         model.train(model_was_training)
 
@@ -437,12 +478,13 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
             row["cached"] = row["cached"] and u.cached
         rows.append(row)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    frame.attrs["meta"] = provenance(model=identity.get("id", {}).get("model"), model_fingerprint=identity,
+    frame.attrs["meta"] = provenance(model=identity["id"].get("model"), revision=identity["id"].get("revision"),
+                                     dtype=identity["dtype"], device=identity["device"], data=data_source,
+                                     model_fingerprint=identity,
                                      tasks=[t.identity() for t in tasks], seq_len=seq_len,
                                      max_windows=max_windows, shots=shots, seed=seed)
     if stats is not None:
         stats["stats"] = SweepStats(units=total, computed=sum(not u.cached for u in units.values()),
-                                    cached=sum(u.cached for u in units.values()),
-                                    capture_passes=capture_passes, cached_layers=chosen_layers,
+                                    cached=sum(u.cached for u in units.values()), peak_states=held_states,
                                     layer_passes=layer_passes, layer_passes_from_scratch=scratch_passes)
     return frame

@@ -1,0 +1,149 @@
+"""`layerlens eval`: perplexity and MMLU of a model (optionally pruned by a plan) to DIR/eval.json."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cli import add_model_args, add_runs_arg, cli_progress, load_from_args
+
+CPU_DEFAULT_MMLU_LIMIT = 2
+"""Questions per subject of the bundled set when running on CPU and no --mmlu-limit is given."""
+
+
+def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True) -> None:
+    """Perplexity and MMLU options shared by ``eval`` and ``sweep`` (same defaults, same numbers)."""
+    from ..evaluation import DEFAULT_MMLU_BATCH, DEFAULT_PPL_BATCH, DEFAULT_SEQ_LEN
+    from ..sweep import DEFAULT_MAX_WINDOWS
+
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--ppl-data", default="default",
+                   help="'default' (bundled Shakespeare evaluation plays, disjoint from the calibration plays), "
+                        "'prose', a .txt/.jsonl/.json/.csv/.parquet file, a hub dataset, or 'none' to skip")
+    if seq_len:
+        g.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per perplexity window")
+        g.add_argument("--text-field", default="text", help="field/column holding the text")
+    g.add_argument("--max-windows", type=int, default=DEFAULT_MAX_WINDOWS,
+                   help="evaluate at most this many windows (0 = all)")
+    g.add_argument("--ppl-batch-size", type=int, default=DEFAULT_PPL_BATCH, help="windows per forward pass")
+    g = p.add_argument_group("MMLU")
+    g.add_argument("--mmlu", default="default",
+                   help="'default' (bundled subset, 10 questions per subject = 570), 'full' (14,042), a "
+                        ".jsonl/.csv/.parquet file, a hub dataset (e.g. cais/mmlu), or 'none' to skip")
+    g.add_argument("--mmlu-subjects", default=None, help="comma-separated subjects, e.g. astronomy,virology")
+    g.add_argument("--mmlu-limit", type=int, default=None,
+                   help="at most N questions per subject (default: all; for the bundled 'default' set on CPU, "
+                        f"{CPU_DEFAULT_MMLU_LIMIT} per subject = {57 * CPU_DEFAULT_MMLU_LIMIT} questions so a point "
+                        "takes seconds, not minutes: pass 10 for all 570)")
+    g.add_argument("--shots", type=int, default=0, help="few-shot examples per question (harness: first k)")
+    g.add_argument("--mmlu-dev", default=None,
+                   help="where few-shot examples come from (default: the hub dev split, or the bundled test "
+                        "set minus the question itself)")
+    g.add_argument("--mmlu-batch-size", type=int, default=DEFAULT_MMLU_BATCH, help="questions per forward pass")
+
+
+def mmlu_limit(args: argparse.Namespace) -> int | None:
+    """``--mmlu-limit``, or the CPU default for the bundled set (announced on stderr)."""
+    import sys
+
+    from ..loading import resolve_device
+
+    if args.mmlu_limit is not None or args.mmlu != "default":
+        return args.mmlu_limit
+    if resolve_device(args.device) != "cpu":
+        return None
+    print(f"note: on CPU, MMLU uses {CPU_DEFAULT_MMLU_LIMIT} bundled questions per subject "
+          f"({57 * CPU_DEFAULT_MMLU_LIMIT}); pass --mmlu-limit 10 for all 570.", file=sys.stderr)
+    return CPU_DEFAULT_MMLU_LIMIT
+
+
+def _off(value: str | None) -> bool:
+    return value is None or value.lower() in ("none", "off", "")
+
+
+def eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """Texts, questions and dev examples named by the eval args (None where switched off)."""
+    from ..data import load_texts
+    from ..errors import LayerLensError
+    from ..questions import load_dev, load_questions
+
+    texts = None if _off(args.ppl_data) else load_texts(args.ppl_data, role="eval", field=args.text_field)
+    questions = dev = None
+    if not _off(args.mmlu):
+        questions = load_questions(args.mmlu, subjects=args.mmlu_subjects, limit=mmlu_limit(args),
+                                   seed=getattr(args, "seed", 0))
+        if args.shots > 0:
+            dev = load_dev(args.mmlu_dev or args.mmlu, subjects=args.mmlu_subjects)
+    if texts is None and questions is None:
+        raise LayerLensError("Both --ppl-data and --mmlu are 'none'; there is nothing to evaluate.")
+    return {"texts": texts, "questions": questions, "dev": dev,
+            "max_windows": args.max_windows if args.max_windows and args.max_windows > 0 else None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import mmlu, perplexity
+    from ..runs import atomic_write_json, default_runs_dir, provenance, stable_key
+
+    inputs = eval_inputs(args)
+    loaded = load_from_args(args)
+    model, plan = loaded.model, None
+    if args.plan:
+        from ..plans import PrunePlan
+        from ..surgery import apply_plan
+
+        try:
+            text = Path(args.plan).read_text(encoding="utf-8")
+        except OSError as exc:
+            from ..errors import LayerLensError
+
+            raise LayerLensError(f"Cannot read the plan '{args.plan}' ({exc.strerror}); check the path.") from exc
+        plan = PrunePlan.from_json(text)
+        model = apply_plan(model, plan)
+    out: dict[str, Any] = {"perplexity": None, "perplexity_details": None, "mmlu": None,
+                           "plan": plan.to_dict() if plan else None}
+    t0 = time.perf_counter()
+    if inputs["texts"] is not None:
+        ppl = perplexity(model, loaded.tokenizer, inputs["texts"], seq_len=args.seq_len,
+                         batch_size=args.ppl_batch_size, max_windows=inputs["max_windows"],
+                         progress=cli_progress("perplexity"))
+        out["perplexity"], out["perplexity_details"] = ppl.perplexity, ppl.to_dict()
+    if inputs["questions"] is not None:
+        res = mmlu(model, loaded.tokenizer, inputs["questions"], shots=args.shots, dev=inputs["dev"],
+                   batch_size=args.mmlu_batch_size, progress=cli_progress("mmlu"))
+        out["mmlu"] = res.to_dict()
+    info = loaded.info
+    out["meta"] = provenance(
+        model=info.model, revision=info.revision, dtype=info.dtype, device=info.device,
+        data=inputs["texts"].source if inputs["texts"] is not None else None,
+        samples=(out["perplexity_details"] or {}).get("n_windows"), seq_len=args.seq_len, seed=args.seed,
+        max_windows=inputs["max_windows"],
+        mmlu=inputs["questions"].source if inputs["questions"] is not None else None,
+        mmlu_subjects=args.mmlu_subjects, mmlu_n=(out["mmlu"] or {}).get("n"), shots=args.shots,
+        plan=args.plan, model_info=info.to_dict(), seconds=round(time.perf_counter() - t0, 3))
+    path = atomic_write_json(Path(args.out) / "eval.json", out)
+    runs = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    key = stable_key({k: v for k, v in out["meta"].items() if k not in ("created", "seconds", "git_commit")})
+    atomic_write_json(runs / "eval" / f"{key}.json", out)
+    if out["perplexity"] is not None:
+        d = out["perplexity_details"]
+        print(f"perplexity {out['perplexity']:.4f}  ({d['n_windows']} windows x {d['seq_len']} tokens, "
+              f"{d['n_tokens']} predicted)")
+    if out["mmlu"] is not None:
+        m = out["mmlu"]
+        print(f"MMLU accuracy {100 * m['accuracy']:.2f}% on {m['n']} questions ({m['shots']}-shot), mean "
+              f"P(correct letter) {m['mean_prob_correct']:.4f} (chance: 25%)")
+    print(f"wrote {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity and MMLU (lm-evaluation-harness template) of a model")
+    add_model_args(p)
+    p.add_argument("--plan", default=None, help="evaluate the model pruned by this plan JSON (from prune)")
+    add_eval_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bundled MMLU subset")
+    add_runs_arg(p)
+    p.add_argument("--out", required=True, help="output folder for eval.json")
+    p.set_defaults(func=run)

@@ -1,0 +1,114 @@
+"""`layerlens sweep`: perplexity and MMLU against the pruning ratio for several strategies (ShortGPT Fig. 5).
+
+Writes DIR/sweep.csv, DIR/sweep.json (rows + provenance) and the two curves as DIR/perplexity.{html,png}
+and DIR/mmlu.{html,png}, drawn by the same builders as the dashboard. Every point is also persisted in
+the runs folder, so an interrupted sweep resumes and a repeated one is read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, cli_progress, load_from_args
+from .evaluate import add_eval_args, eval_inputs
+
+
+def _floats(text: str) -> list[float]:
+    from ..errors import LayerLensError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise LayerLensError(f"--ratios must be comma-separated numbers like 0,0.1,0.2 (got '{text}').") from exc
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if not values or bad:
+        raise LayerLensError(f"--ratios must be fractions in [0, 1), e.g. 0,0.1,0.2 (got '{text}').")
+    return values
+
+
+def _strategies(text: str) -> list[str]:
+    from ..errors import LayerLensError
+    from ..plans import STRATEGIES
+
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES or s == "manual"]
+    if not names or unknown:
+        raise LayerLensError(f"Unknown strategy {', '.join(unknown) or text!r}; choose from "
+                             f"{', '.join(s for s in STRATEGIES if s != 'manual')}.")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plans import REPORT_STRATEGIES
+    from ..plots import save_figure, sweep_figure
+    from ..report import LayerReport
+    from ..runs import atomic_write_json, atomic_write_text, default_runs_dir, stable_key
+    from ..sweep import sweep
+
+    strategies, ratios = _strategies(args.strategies), _floats(args.ratios)
+    inputs = eval_inputs(args)
+    loaded = load_from_args(args)
+    out = Path(args.out)
+    report = None
+    if args.report:
+        report = LayerReport.load(args.report)
+    elif any(s in REPORT_STRATEGIES for s in strategies):
+        report = analyze_from_args(args, loaded)
+        report.save(out / "report.json")
+    runs = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    info = loaded.info
+    frame = sweep(loaded.model, loaded.tokenizer, report, strategies, ratios, ppl_texts=inputs["texts"],
+                  questions=inputs["questions"], seq_len=args.seq_len, max_windows=inputs["max_windows"],
+                  ppl_batch_size=args.ppl_batch_size, mmlu_batch_size=args.mmlu_batch_size, shots=args.shots,
+                  dev=inputs["dev"], reuse=not args.no_reuse, cache_bytes=int(args.cache_gb * 2**30),
+                  runs_dir=runs, model_id={"model": info.model, "revision": info.revision}, seed=args.seed,
+                  progress=cli_progress("sweep"))
+    meta = dict(frame.attrs["meta"])
+    meta.update(model=info.model, revision=info.revision, dtype=info.dtype, device=info.device,
+                data=inputs["texts"].source if inputs["texts"] is not None else None,
+                samples=args.samples if report is not None and not args.report else None,
+                calibration=args.data if report is not None and not args.report else args.report,
+                mmlu=inputs["questions"].source if inputs["questions"] is not None else None,
+                strategies=strategies, ratios=ratios)
+    csv = frame.to_csv(index=False)
+    atomic_write_text(out / "sweep.csv", csv)
+    atomic_write_json(out / "sweep.json", {"rows": frame.to_dict("records"), "meta": meta})
+    key = stable_key({k: v for k, v in meta.items() if k not in ("created", "git_commit")})
+    atomic_write_text(runs / "sweep" / f"{key}.csv", csv)
+    atomic_write_json(runs / "sweep" / f"{key}.json", {"rows": frame.to_dict("records"), "meta": meta})
+    figures = []
+    name = info.model if info.model != "default" else "SmolLM2-135M (bundled)"
+    if inputs["texts"] is not None:
+        figures += save_figure(sweep_figure(frame, "perplexity", title=f"Perplexity vs. pruning ratio: {name}"),
+                               out / "perplexity")
+    if inputs["questions"] is not None:
+        figures += save_figure(sweep_figure(frame, "mmlu_accuracy", title=f"MMLU vs. pruning ratio: {name}"),
+                               out / "mmlu")
+    cols = [c for c in ("strategy", "ratio", "n_removed", "perplexity", "mmlu_accuracy", "mmlu_prob_correct",
+                        "seconds", "cached") if c in frame]
+    print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"{int(frame.cached.sum())} of {len(frame)} points read back from {runs}; wrote {out / 'sweep.csv'}"
+          + "".join(f", {p.name}" for p in figures))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..sweep import DEFAULT_RATIOS, DEFAULT_STRATEGIES
+
+    p = sub.add_parser("sweep", help="perplexity and MMLU against the pruning ratio, one curve per strategy")
+    add_model_args(p)
+    add_data_args(p)  # calibration data for the report (its --seq-len is also the perplexity window)
+    p.add_argument("--report", default=None, help="use this report.json instead of analysing the model")
+    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                   help="comma-separated: bi, reverse, sequential, magnitude, random, block, streamline, slm")
+    p.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
+                   help="comma-separated fractions of layers to remove, e.g. 0,0.1,0.2,0.3,0.4")
+    add_eval_args(p, seq_len=False)
+    p.add_argument("--no-reuse", action="store_true",
+                   help="evaluate every pruned model from scratch (same numbers, slower; for benchmarks)")
+    p.add_argument("--cache-gb", type=float, default=1.0,
+                   help="memory for reused hidden states (CPU), in GiB; 0 disables reuse")
+    add_runs_arg(p)
+    p.add_argument("--out", required=True, help="output folder for sweep.csv and the figures")
+    p.set_defaults(func=run)
