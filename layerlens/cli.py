@@ -13,7 +13,7 @@ from . import __version__
 from .errors import LayerLensError
 
 # Each module in layerlens/commands exposes register(subparsers); its parser sets func=run(args) -> int.
-COMMANDS = ("analyze", "prune")  # + "evaluate", "sweep" as they land
+COMMANDS = ("analyze", "prune", "evaluate", "sweep")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
