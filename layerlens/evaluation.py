@@ -202,11 +202,13 @@ class PerplexityTask:
         total_nll, n_tokens = 0.0, 0
         for i, batch in enumerate(self.batches):
             logits = forward(i, batch)
-            targets = batch.input_ids[:, 1:].to(logits.device)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                  reduction="none")
+            # position t predicts token t+1; the last position predicts nothing (ignored, no logits copy)
+            targets = torch.full_like(batch.input_ids, -100)
+            targets[:, :-1] = batch.input_ids[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+                                  ignore_index=-100, reduction="none")
             total_nll += float(nll.double().sum())
-            n_tokens += targets.numel()
+            n_tokens += int((targets != -100).sum())
             if progress is not None:
                 progress(i + 1, len(self.batches), "perplexity")
         mean = total_nll / n_tokens
