@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import ARCHITECTURES, build_tiny_model, train_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

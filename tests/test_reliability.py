@@ -108,7 +108,7 @@ def test_soak_analyze_prune_eval_cycles_do_not_grow_memory(tiny_model_factory, s
     digest = _param_digest(lm.model)
     texts = TextSet(tuple(sample_texts), "t", "t")
     rss = []
-    for cycle in range(8):
+    for _cycle in range(8):
         rep = analyze(lm.model, lm.tokenizer, texts, CaptureConfig(samples=8, seq_len=48, batch_size=4))
         for plan in (make_plan("bi", rep, ratio=0.25), slm_plan(rep, threshold=0.2, criterion="cosine")):
             small = apply_plan(lm.model, plan)
