@@ -93,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
         from ..plans import PrunePlan
         from ..surgery import apply_plan
 
+        plan_path = Path(args.plan)
+        if plan_path.is_dir():  # a `layerlens prune` output folder
+            plan_path = plan_path / "layerlens_plan.json"
         try:
-            text = Path(args.plan).read_text(encoding="utf-8")
+            text = plan_path.read_text(encoding="utf-8")
         except OSError as exc:
             from ..errors import LayerLensError
 
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity and MMLU (lm-evaluation-harness template) of a model")
     add_model_args(p)
-    p.add_argument("--plan", default=None, help="evaluate the model pruned by this plan JSON (from prune)")
+    p.add_argument("--plan", default=None, help="evaluate the model pruned by this plan (a plan JSON or a prune output folder)")
     add_eval_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the bundled MMLU subset")
     add_runs_arg(p)
