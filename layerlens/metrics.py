@@ -162,9 +162,13 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
         else model.config.hidden_size
     started = time.perf_counter()
     total = math.ceil(len(token_lists) / config.batch_size)
-    # The backbone alone: the hooks see every layer, and the LM head's vocab-sized matmul is skipped.
-    backbone = getattr(model, "base_model", model)
-    with ResidualCapture(model) as capture, torch.inference_mode():
+    from .surgery import private_view
+
+    # Hooks go on a private view (shared weights, own modules): a model shared with other threads or
+    # dashboard sessions never carries them. The backbone alone runs: the LM head's matmul is skipped.
+    view = private_view(model)
+    backbone = getattr(view, "base_model", view)
+    with ResidualCapture(view) as capture, torch.inference_mode():
         acc = _Accumulators(len(capture.layers) + 1, hidden, config.cka_estimator, device)
         for step, batch in enumerate(batches(tokenizer, token_lists, config.batch_size, device)):
             if should_stop is not None and should_stop():

@@ -356,7 +356,7 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
     import pandas as pd
 
     from .runs import atomic_write_json, provenance, stable_key
-    from .surgery import pruned
+    from .surgery import private_view, pruned
 
     if ppl_texts is None and questions is None:
         raise LayerLensError("Nothing to evaluate: give perplexity texts, MMLU questions, or both.")
@@ -365,7 +365,7 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
         plans = make_plans(report, strategies, ratios, num_layers=num_layers, seed=seed)
     if not plans:
         raise LayerLensError("The sweep has no points; give at least one strategy and one ratio.")
-    model_was_training = model.training
+    model = private_view(model)  # in-place pruning below must never be seen by other users of `model`
     model.eval()
 
     tasks: list[Any] = []
@@ -420,44 +420,41 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
         if progress is not None:
             progress(done, total, f"{unit.task.kind} {unit.plan.describe()}")
 
-    try:
-        for ti, task in enumerate(tasks):
-            todo = [units[(ti, pk)] for pk in order if not units[(ti, pk)].cached]
-            if not todo:
-                continue
-            per_state = _batch_bytes(task, hidden, param.element_size())
-            max_states = int(cache_bytes // per_state) if reuse and per_state > 0 else 0
-            steps = schedule_reuse([u.plan for u in todo], max_states)
-            states: dict[tuple, list[torch.Tensor]] = {}
-            peak = 0
-            for step in steps:
-                u = todo[step.plan_index]
-                ops = plan_ops(u.plan)
-                t0 = time.perf_counter()
-                with pruned(model, u.plan):
-                    kept = list(u.plan.kept_layers)
-                    mods = decoder_layers(model)
-                    recorded: dict[int, list[torch.Tensor]] = {}
-                    with _recording({o: mods[kept.index(o)] for o in step.record}, recorded):
-                        if step.start > 0:
-                            forward = tail_forward(model, kept.index(step.start),
-                                                   states[state_key(ops, step.start)])
-                        else:
-                            forward = plain_forward(model)
-                        u.result = task.run(forward)
-                for o, tensors in recorded.items():
-                    states[state_key(ops, o)] = tensors
-                peak = max(peak, len(states))
-                for key in step.release:
-                    states.pop(key, None)
-                u.seconds = time.perf_counter() - t0
-                layer_passes += step.layer_passes
-                scratch_passes += u.plan.num_layers_after
-                persist(u)
-            held_states[task.kind] = peak
-            states.clear()
-    finally:
-        model.train(model_was_training)
+    for ti, task in enumerate(tasks):
+        todo = [units[(ti, pk)] for pk in order if not units[(ti, pk)].cached]
+        if not todo:
+            continue
+        per_state = _batch_bytes(task, hidden, param.element_size())
+        max_states = int(cache_bytes // per_state) if reuse and per_state > 0 else 0
+        steps = schedule_reuse([u.plan for u in todo], max_states)
+        states: dict[tuple, list[torch.Tensor]] = {}
+        peak = 0
+        for step in steps:
+            u = todo[step.plan_index]
+            ops = plan_ops(u.plan)
+            t0 = time.perf_counter()
+            with pruned(model, u.plan):
+                kept = list(u.plan.kept_layers)
+                mods = decoder_layers(model)
+                recorded: dict[int, list[torch.Tensor]] = {}
+                with _recording({o: mods[kept.index(o)] for o in step.record}, recorded):
+                    if step.start > 0:
+                        forward = tail_forward(model, kept.index(step.start),
+                                               states[state_key(ops, step.start)])
+                    else:
+                        forward = plain_forward(model)
+                    u.result = task.run(forward)
+            for o, tensors in recorded.items():
+                states[state_key(ops, o)] = tensors
+            peak = max(peak, len(states))
+            for key in step.release:
+                states.pop(key, None)
+            u.seconds = time.perf_counter() - t0
+            layer_passes += step.layer_passes
+            scratch_passes += u.plan.num_layers_after
+            persist(u)
+        held_states[task.kind] = peak
+        states.clear()
 
     rows = []
     for strategy, target, plan in plans:

@@ -120,3 +120,46 @@ def test_soak_analyze_prune_eval_cycles_do_not_grow_memory(tiny_model_factory, s
     assert _param_digest(lm.model) == digest
     growth = rss[-1] - rss[2]  # after warm-up
     assert growth < 20 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 5 cycles: {rss}"
+
+
+def _untouched(model, num_layers: int) -> bool:
+    from layerlens.adapters import decoder_layers
+
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return not hooked and len(decoder_layers(model)) == num_layers and model.config.num_hidden_layers == num_layers
+
+
+def test_shared_model_is_never_seen_hooked_or_half_pruned(tiny_llama, sample_texts):
+    """Another user of the same model object (a second dashboard session) must see it intact mid-work."""
+    from layerlens.sweep import sweep
+
+    lm = loading.load_model(str(tiny_llama), device="cpu")
+    texts = TextSet(tuple(sample_texts), "t", "t")
+    seen: list[bool] = []
+    rep = analyze(lm.model, lm.tokenizer, texts, CaptureConfig(samples=4, seq_len=32, batch_size=2),
+                  progress=lambda *a: seen.append(_untouched(lm.model, 6)))
+    sweep(lm.model, lm.tokenizer, rep, ["bi", "reverse"], [0.0, 0.34], ppl_texts=texts, seq_len=32,
+          max_windows=2, progress=lambda *a: seen.append(_untouched(lm.model, 6)))
+    assert seen and all(seen)
+
+
+def test_concurrent_analyses_on_one_model_give_sequential_numbers(tiny_llama, sample_texts):
+    import threading
+
+    lm = loading.load_model(str(tiny_llama), device="cpu")
+    a = TextSet(tuple(sample_texts[:6]), "a", "a")
+    b = TextSet(tuple(sample_texts[6:12]), "b", "b")
+    cfg = CaptureConfig(samples=6, seq_len=32, batch_size=1)
+    expected = {k: analyze(lm.model, lm.tokenizer, t, cfg).bi for k, t in (("a", a), ("b", b))}
+    got: dict[str, tuple] = {}
+
+    def work(key, texts):
+        got[key] = analyze(lm.model, lm.tokenizer, texts, cfg).bi
+
+    threads = [threading.Thread(target=work, args=(k, t)) for k, t in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in ("a", "b"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6)
