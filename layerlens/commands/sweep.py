@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, cli_progress, load_from_args
-from .evaluate import add_eval_args, eval_inputs
+from .evaluate import SWEEP_DEFAULT_MMLU_LIMIT, add_eval_args, eval_inputs
 
 
 def _floats(text: str) -> list[float]:
@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: bi, reverse, sequential, magnitude, random, block, streamline, slm")
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
                    help="comma-separated fractions of layers to remove, e.g. 0,0.1,0.2,0.3,0.4")
-    add_eval_args(p, seq_len=False)
+    add_eval_args(p, seq_len=False, mmlu_limit=SWEEP_DEFAULT_MMLU_LIMIT)
     p.add_argument("--no-reuse", action="store_true",
                    help="evaluate every pruned model from scratch (same numbers, slower; for benchmarks)")
     p.add_argument("--cache-gb", type=float, default=1.0,
