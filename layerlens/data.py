@@ -30,12 +30,13 @@ class TextSet:
         return TextSet(self.texts[:n], self.source, self.description)
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
+    """A text file's contents, refusing binary and non-UTF-8 files with a clear message (BOM dropped)."""
     raw = path.read_bytes()
     if b"\x00" in raw[:4096]:
         raise DataError(f"'{path}' looks like a binary file; give a UTF-8 text, .jsonl, .csv or .parquet file.")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"'{path}' is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8.") from exc
 
@@ -54,9 +55,9 @@ def _texts_from_records(records: list[dict[str, Any]], path: str, field: str) ->
 def _read_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md", ""):
-        return split_paragraphs(_read_utf8(path))
+        return split_paragraphs(read_utf8(path))
     if suffix == ".jsonl":
-        lines = [ln for ln in _read_utf8(path).splitlines() if ln.strip()]
+        lines = [ln for ln in read_utf8(path).splitlines() if ln.strip()]
         try:
             records = [json.loads(ln) for ln in lines]
         except json.JSONDecodeError as exc:
@@ -64,7 +65,7 @@ def _read_file(path: Path, field: str) -> list[str]:
         return _texts_from_records(records, str(path), field)
     if suffix == ".json":
         try:
-            obj = json.loads(_read_utf8(path))
+            obj = json.loads(read_utf8(path))
         except json.JSONDecodeError as exc:
             raise DataError(f"'{path}' is not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
         if isinstance(obj, dict):
@@ -73,7 +74,7 @@ def _read_file(path: Path, field: str) -> list[str]:
             return [s for s in obj if s]
         return _texts_from_records(list(obj), str(path), field)
     if suffix == ".csv":
-        reader = csv.DictReader(_read_utf8(path).splitlines())
+        reader = csv.DictReader(read_utf8(path).splitlines())
         return _texts_from_records(list(reader), str(path), field)
     if suffix == ".parquet":
         import pandas as pd

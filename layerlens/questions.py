@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import read_utf8
 from .errors import DataError
 
 LETTERS = ("A", "B", "C", "D")
@@ -173,19 +174,12 @@ def as_questions(items: QuestionSet | Iterable[Question | Mapping[str, Any]]) ->
 # --------------------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"'{path}' is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8.") from exc
-
-
 def _subject_from_filename(path: Path) -> str:
     return re.sub(r"_(test|dev|val|validation|train)$", "", path.stem)
 
 
 def _read_csv(path: Path) -> list[Question]:
-    rows = list(csv.reader(_read_text(path).splitlines()))
+    rows = list(csv.reader(read_utf8(path).splitlines()))
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         return []
@@ -209,7 +203,7 @@ def _read_file(path: Path) -> list[Question]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        for i, line in enumerate(_read_text(path).splitlines(), 1):
+        for i, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -219,7 +213,7 @@ def _read_file(path: Path) -> list[Question]:
         return [question_from_record(r, f"{path} line {i}") for i, r in records]
     if suffix == ".json":
         try:
-            obj = json.loads(_read_text(path))
+            obj = json.loads(read_utf8(path))
         except json.JSONDecodeError as exc:
             raise DataError(f"'{path}' is not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
         if isinstance(obj, dict):
