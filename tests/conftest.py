@@ -52,3 +52,34 @@ def sample_texts() -> list[str]:
 
     paras = [p.strip() for p in training_text().split("\n\n") if len(p.strip()) > 80]
     return paras[:40]
+
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def app_env(tiny_llama, tmp_path, monkeypatch) -> Path:
+    """The dashboard on the tiny model, with a private runs folder and clean Streamlit caches."""
+    import streamlit as st
+
+    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
+    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield tmp_path
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def open_app(app_env):
+    """``open_app(page=None, timeout=180) -> AppTest`` of app.py, switched to ``page`` when given."""
+    from streamlit.testing.v1 import AppTest
+
+    def factory(page: str | None = None, timeout: int = 180) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=timeout)
+        if page:
+            at.switch_page(page)
+        return at
+
+    return factory

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import streamlit as st
+from conftest import APP
 from streamlit.testing.v1 import AppTest
-
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 @pytest.fixture
-def env(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
-    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield tmp_path
-    st.cache_data.clear()
-    st.cache_resource.clear()
+def env(app_env):
+    return app_env
 
 
 def _open() -> AppTest:

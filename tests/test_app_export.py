@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
-
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 @pytest.fixture
-def app(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
-    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield AppTest.from_file(APP, default_timeout=180)
-    st.cache_data.clear()
-    st.cache_resource.clear()
+def app(open_app):
+    return open_app()
 
 
 def _download_labels(at) -> list[str]:
@@ -32,8 +21,14 @@ def test_export_without_pruned_model_offers_data_and_report(app):
     assert not app.exception and not app.error
     assert any("No pruned model" in i.value for i in app.info)
     labels = _download_labels(app)
-    for want in ("Report (JSON)", "Per-layer metrics (CSV)", "Cosine matrix (CSV)", "CKA matrix (CSV)",
-                 "Current plan (JSON)", "Download the HTML report"):
+    for want in (
+        "Report (JSON)",
+        "Per-layer metrics (CSV)",
+        "Cosine matrix (CSV)",
+        "CKA matrix (CSV)",
+        "Current plan (JSON)",
+        "Download the HTML report",
+    ):
         assert want in labels
     assert labels.count("HTML") >= 4  # one per figure
 
@@ -64,12 +59,25 @@ def test_html_report_has_figures_and_provenance(app):
     app.run()
     report = app.session_state["ll_report"]
     plan = build_plan(report, PlanSettings(mode="strategy", strategy="bi", ratio=0.34))
-    html = build_report_html(report, plan=plan, model_info=app.session_state["ll_model_info"],
-                             quick={"perplexity": 12.0, "tokens_per_s": 20.0, "windows": 4, "seq_len": 128},
-                             original={"perplexity": 10.0, "tokens_per_s": 15.0}, reason=plan_reason(report, plan),
-                             params_before=1000, params_after=800)
+    html = build_report_html(
+        report,
+        plan=plan,
+        model_info=app.session_state["ll_model_info"],
+        quick={"perplexity": 12.0, "tokens_per_s": 20.0, "windows": 4, "seq_len": 128},
+        original={"perplexity": 10.0, "tokens_per_s": 15.0},
+        reason=plan_reason(report, plan),
+        params_before=1000,
+        params_after=800,
+    )
     assert html.count("Plotly.newPlot") == 4  # bars, 2 heatmaps, plan strip
-    assert html.count("<script type=\"text/javascript\">/**") <= 1  # plotly.js embedded once
-    for want in ("Provenance", "What is removed and why", "layerlens_version", "git commit", "Block Influence",
-                 "seq_len", "12.00"):
+    assert html.count('<script type="text/javascript">/**') <= 1  # plotly.js embedded once
+    for want in (
+        "Provenance",
+        "What is removed and why",
+        "layerlens_version",
+        "git commit",
+        "Block Influence",
+        "seq_len",
+        "12.00",
+    ):
         assert want in html

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
-
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 @pytest.fixture
-def app(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
-    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
+def app(open_app, tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERLENS_DATA_ROOT", str(tmp_path / "root"))
-    (tmp_path / "root").mkdir()
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield AppTest.from_file(APP, default_timeout=180)
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    (tmp_path / "root").mkdir(exist_ok=True)
+    return open_app()
 
 
 def _metrics(at) -> dict[str, str]:
@@ -88,8 +76,11 @@ def test_trust_remote_code_warns(app):
 
 
 def test_local_data_file_under_root_is_analyzed(app, tmp_path):
-    (tmp_path / "root" / "cal.txt").write_text("\n\n".join(
-        f"Paragraph {i}: the quick brown fox jumps over the lazy dog again and again." for i in range(12)))
+    (tmp_path / "root" / "cal.txt").write_text(
+        "\n\n".join(
+            f"Paragraph {i}: the quick brown fox jumps over the lazy dog again and again." for i in range(12)
+        )
+    )
     app.run()
     app.selectbox(key="md_data_source").set_value("path").run()
     app.text_input(key="md_data_path").set_value("cal.txt").run()

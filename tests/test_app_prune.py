@@ -6,26 +6,13 @@ import hashlib
 import importlib
 import json
 import time
-from pathlib import Path
 
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
-
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 @pytest.fixture
-def app(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
-    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.switch_page("pages/3_prune.py")
-    yield at
-    st.cache_data.clear()
-    st.cache_resource.clear()
+def app(open_app):
+    return open_app("pages/3_prune.py")
 
 
 def _metrics(at) -> dict[str, str]:

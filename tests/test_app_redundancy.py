@@ -5,27 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
-from streamlit.testing.v1 import AppTest
-
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 @pytest.fixture
-def app(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
-    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.switch_page("pages/2_redundancy.py")
-    yield at
-    st.cache_data.clear()
-    st.cache_resource.clear()
+def app(open_app):
+    return open_app("pages/2_redundancy.py")
 
 
 def _figs(at) -> list[dict]:

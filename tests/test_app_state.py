@@ -63,14 +63,26 @@ def test_parse_layers():
 
 def test_query_round_trip_and_defensive_parsing():
     s = AnalysisSettings(model="org/name", revision="main", dtype="bfloat16", samples=16, seq_len=256)
-    for ps in (PlanSettings(mode="strategy", strategy="reverse", ratio=0.3),
-               PlanSettings(mode="manual", layers=(2, 5)),
-               PlanSettings(mode="slm", slm_by="ratio", target_ratio=0.2, criterion="cosine")):
+    for ps in (
+        PlanSettings(mode="strategy", strategy="reverse", ratio=0.3),
+        PlanSettings(mode="manual", layers=(2, 5)),
+        PlanSettings(mode="slm", slm_by="ratio", target_ratio=0.2, criterion="cosine"),
+    ):
         s2, ps2 = from_query(to_query(s, ps), AnalysisSettings.quick())
         assert s2.model_key() == s.model_key() and (s2.samples, s2.seq_len) == (16, 256)
         assert ps2 == ps
-    s3, ps3 = from_query({"ratio": "nan", "strategy": "evil", "threshold": "3", "samples": "0", "dtype": "x",
-                          "data": "/etc/passwd", "layers": "a,b"}, AnalysisSettings.quick())
+    s3, ps3 = from_query(
+        {
+            "ratio": "nan",
+            "strategy": "evil",
+            "threshold": "3",
+            "samples": "0",
+            "dtype": "x",
+            "data": "/etc/passwd",
+            "layers": "a,b",
+        },
+        AnalysisSettings.quick(),
+    )
     assert ps3 == PlanSettings() and s3.samples == AnalysisSettings.quick().samples and s3.data == "default"
     assert s3.dtype == "auto"
     assert from_query({}, AnalysisSettings.quick()) == (AnalysisSettings.quick(), None)

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
-import streamlit as st
+from conftest import APP
 from streamlit.testing.v1 import AppTest
-
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 @pytest.fixture
-def env(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERLENS_DEFAULT_MODEL", str(tiny_llama))
-    monkeypatch.setenv("LAYERLENS_RUNS", str(tmp_path / "runs"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield tiny_llama
-    st.cache_data.clear()
-    st.cache_resource.clear()
+def env(app_env, tiny_llama):
+    return tiny_llama
 
 
 def _metrics(at) -> dict[str, str]:
@@ -45,8 +36,16 @@ def test_summary_shows_plan_quality_and_share_link(env):
 
 def test_share_link_restores_model_strategy_and_ratio(env):
     at = AppTest.from_file(APP, default_timeout=180)
-    at.query_params.update({"model": str(env), "samples": "6", "seq_len": "64", "mode": "strategy",
-                            "strategy": "reverse", "ratio": "0.5"})
+    at.query_params.update(
+        {
+            "model": str(env),
+            "samples": "6",
+            "seq_len": "64",
+            "mode": "strategy",
+            "strategy": "reverse",
+            "ratio": "0.5",
+        }
+    )
     at.run()  # a share link: the session starts from the URL
     assert not at.exception and not at.error
     at.switch_page("pages/6_summary.py").run()
@@ -58,8 +57,9 @@ def test_share_link_restores_model_strategy_and_ratio(env):
 
 def test_bad_share_link_values_fall_back_to_defaults(env):
     at = AppTest.from_file(APP, default_timeout=180)
-    at.query_params.update({"model": str(env), "ratio": "7", "strategy": "rm -rf /", "samples": "-3",
-                            "mode": "strategy"})
+    at.query_params.update(
+        {"model": str(env), "ratio": "7", "strategy": "rm -rf /", "samples": "-3", "mode": "strategy"}
+    )
     at.run()
     assert not at.exception and not at.error
     at.switch_page("pages/6_summary.py").run()
