@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except LayerLensError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        where = exc.filename or "the output path"
+        print(f"error: cannot write to '{where}' ({exc.strerror}); choose an --out folder that is not a "
+              "file and that you can write to.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished results were kept; re-run the same command to resume.", file=sys.stderr)
         return 130

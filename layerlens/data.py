@@ -70,9 +70,11 @@ def _read_file(path: Path, field: str) -> list[str]:
             raise DataError(f"'{path}' is not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
         if isinstance(obj, dict):
             obj = obj.get("data", obj.get("texts", [obj]))
+        if not isinstance(obj, list) or not all(isinstance(x, (str, dict)) for x in obj):
+            raise DataError(f"'{path}' must hold a list of strings or of objects with a '{field}' field.")
         if obj and isinstance(obj[0], str):
-            return [s for s in obj if s]
-        return _texts_from_records(list(obj), str(path), field)
+            return [s for s in obj if isinstance(s, str) and s]
+        return _texts_from_records([r for r in obj if isinstance(r, dict)], str(path), field)
     if suffix == ".csv":
         reader = csv.DictReader(read_utf8(path).splitlines())
         return _texts_from_records(list(reader), str(path), field)

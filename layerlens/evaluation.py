@@ -81,6 +81,10 @@ Forward = Callable[[int, EvalBatch], torch.Tensor]
 """``forward(batch_index, batch) -> float32 logits [B, len(keep) or W, V]``."""
 
 
+NONFINITE = ("The model produced NaN/inf logits (usually float16 overflow, or a pruned model that diverged); "
+             "re-run with --dtype float32 or bfloat16.")
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -212,6 +216,8 @@ class PerplexityTask:
             if progress is not None:
                 progress(i + 1, len(self.batches), "perplexity")
         mean = total_nll / n_tokens
+        if not math.isfinite(mean):
+            raise LayerLensError(NONFINITE)
         return PerplexityResult(perplexity=math.exp(mean), nll=mean, n_tokens=n_tokens,
                                 n_windows=len(self.windows), seq_len=self.seq_len, max_windows=self.max_windows)
 
@@ -421,6 +427,8 @@ class MMLUTask:
         return self._result(ll)
 
     def _result(self, ll: np.ndarray) -> MMLUResult:
+        if not np.isfinite(ll).all():
+            raise LayerLensError(NONFINITE)
         answers = np.array([q.answer for q in self.questions])
         pred = ll.argmax(axis=1)  # first maximum on ties, like numpy in the harness
         correct = pred == answers

@@ -77,8 +77,10 @@ def max_positions(config: Any) -> int | None:
 
 
 def _is_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+    """``org/name`` or a bare ``name`` (e.g. ``gpt2``) made of the characters hub ids allow."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec) is not None
 
 
 def resolve_source(spec: str) -> Path | str:

@@ -80,6 +80,25 @@ class LayerReport:
             path = path / "report.json"
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
+    @classmethod
+    def read(cls, path: str | Path, *, num_layers: int | None = None, model_type: str | None = None) -> LayerReport:
+        """Load a user-given report.json, refusing a missing/malformed file or one made for another model."""
+        from .errors import LayerLensError
+
+        try:
+            report = cls.load(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LayerLensError(f"Could not read the report '{path}' ({type(exc).__name__}); pass the "
+                                 "report.json written by `layerlens analyze`.") from exc
+        made_for = report.meta.get("model_type")
+        if model_type is not None and made_for not in (None, model_type):
+            raise LayerLensError(f"The report '{path}' was made on a {made_for} model, not this {model_type} "
+                                 "model; analyze this model first.")
+        if num_layers is not None and report.num_layers != num_layers:
+            raise LayerLensError(f"The report '{path}' is for a {report.num_layers}-layer model but the model "
+                                 f"has {num_layers} layers; analyze this model first.")
+        return report
+
     def save(self, path: str | Path) -> Path:
         from .runs import atomic_write_text
 

@@ -222,6 +222,7 @@ def config_changes(
         k
         for k in adapter.per_layer_fields
         if k not in names
+        and k in vars(config)  # a per-layer list stored on the config, not a read-only property
         and isinstance(getattr(config, k, None), (list, tuple))
         and len(getattr(config, k)) == num_layers
     ]

@@ -19,7 +19,7 @@ def format_table(report) -> str:
                      f"{report.cosine[i][i + 1]:>14.5f}  {report.cka[i][i + 1]:>14.5f}")
     m = report.meta
     lines.append(f"{report.num_layers} layers; {m.get('samples')} samples, {m.get('tokens')} tokens "
-                 f"(seq-len {m.get('seq_len')}) from {m.get('data')}; CKA: {report.cka_estimator}; "
+                 f"(seq-len {m.get('seq_len')}) from {m.get('data_description') or m.get('data')}; CKA: {report.cka_estimator}; "
                  f"{m.get('seconds')} s on {m.get('device')} ({m.get('dtype')}).")
     return "\n".join(lines)
 

@@ -14,10 +14,10 @@ SWEEP_DEFAULT_MMLU_LIMIT = 2
 point takes seconds on a CPU. `eval` uses the whole default subset (570). The same on every device."""
 
 
-def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True, mmlu_limit: int | None = None) -> None:
+def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True, mmlu_limit: int | None = None,
+                  max_windows: int = 0) -> None:
     """Perplexity and MMLU options shared by ``eval`` and ``sweep`` (same defaults, same numbers)."""
     from ..evaluation import DEFAULT_MMLU_BATCH, DEFAULT_PPL_BATCH, DEFAULT_SEQ_LEN
-    from ..sweep import DEFAULT_MAX_WINDOWS
 
     g = p.add_argument_group("perplexity")
     g.add_argument("--ppl-data", default="default",
@@ -26,8 +26,9 @@ def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True, mmlu_limi
     if seq_len:
         g.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per perplexity window")
         g.add_argument("--text-field", default="text", help="field/column holding the text")
-    g.add_argument("--max-windows", type=int, default=DEFAULT_MAX_WINDOWS,
-                   help="evaluate at most this many windows (0 = all)")
+    g.add_argument("--max-windows", type=int, default=max_windows,
+                   help="evaluate at most this many windows (0 = all; default: "
+                        + ("all" if not max_windows else str(max_windows)) + ")")
     g.add_argument("--ppl-batch-size", type=int, default=DEFAULT_PPL_BATCH, help="windows per forward pass")
     g = p.add_argument_group("MMLU")
     g.add_argument("--mmlu", default="default",
@@ -89,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
             raise LayerLensError(f"Cannot read the plan '{args.plan}' ({exc.strerror}); check the path.") from exc
         plan = PrunePlan.from_json(text)
+        from ..errors import LayerLensError
+
+        if plan.params.get("replacement"):
+            raise LayerLensError(f"The plan '{args.plan}' replaces layers with a trained layer that a plan "
+                                 "cannot rebuild; evaluate the saved pruned folder with --model instead.")
         model = apply_plan(model, plan)
     out: dict[str, Any] = {"perplexity": None, "perplexity_details": None, "mmlu": None,
                            "plan": plan.to_dict() if plan else None}

@@ -115,19 +115,8 @@ def _load_report(args: argparse.Namespace, loaded: Any):
     from ..report import LayerReport
 
     if args.report:
-        try:
-            report = LayerReport.load(args.report)
-        except (OSError, ValueError, KeyError) as exc:
-            raise LayerLensError(
-                f"Could not read the report '{args.report}' ({type(exc).__name__}); pass the "
-                "report.json written by layerlens analyze."
-            ) from exc
-        if report.num_layers != loaded.info.num_layers:
-            raise PlanError(
-                f"The report '{args.report}' is for a {report.num_layers}-layer model but the model "
-                f"has {loaded.info.num_layers} layers; analyze this model first."
-            )
-        return report
+        return LayerReport.read(args.report, num_layers=loaded.info.num_layers,
+                                model_type=loaded.info.model_type)
     return analyze_from_args(args, loaded)
 
 
@@ -140,6 +129,9 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any]:
         except OSError as exc:
             raise PlanError(f"Could not read the plan file '{args.plan_file}' ({exc.strerror}).") from exc
         plan = PrunePlan.from_json(text)
+        if plan.params.get("replacement"):
+            raise PlanError(f"The plan in '{args.plan_file}' replaced layers with a trained layer that a plan "
+                            "cannot rebuild; use the pruned model folder it was saved with instead.")
         if plan.num_layers != L:
             raise PlanError(
                 f"The plan in '{args.plan_file}' is for a {plan.num_layers}-layer model but the model "

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     report = None
     if args.report:
-        report = LayerReport.load(args.report)
+        report = LayerReport.read(args.report, num_layers=loaded.info.num_layers,
+                                  model_type=loaded.info.model_type)
     elif any(s in REPORT_STRATEGIES for s in strategies):
         report = analyze_from_args(args, loaded)
         report.save(out / "report.json")
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..sweep import DEFAULT_RATIOS, DEFAULT_STRATEGIES
+    from ..sweep import DEFAULT_MAX_WINDOWS, DEFAULT_RATIOS, DEFAULT_STRATEGIES
 
     p = sub.add_parser("sweep", help="perplexity and MMLU against the pruning ratio, one curve per strategy")
     add_model_args(p)
@@ -104,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: bi, reverse, sequential, magnitude, random, block, streamline, slm")
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
                    help="comma-separated fractions of layers to remove, e.g. 0,0.1,0.2,0.3,0.4")
-    add_eval_args(p, seq_len=False, mmlu_limit=SWEEP_DEFAULT_MMLU_LIMIT)
+    add_eval_args(p, seq_len=False, mmlu_limit=SWEEP_DEFAULT_MMLU_LIMIT, max_windows=DEFAULT_MAX_WINDOWS)
     p.add_argument("--no-reuse", action="store_true",
                    help="evaluate every pruned model from scratch (same numbers, slower; for benchmarks)")
     p.add_argument("--cache-gb", type=float, default=1.0,
