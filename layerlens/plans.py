@@ -29,6 +29,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
@@ -240,6 +241,25 @@ class PrunePlan:
                 f"Not a valid pruning plan ({type(exc).__name__}: {exc}); expected the JSON "
                 "written by PrunePlan.to_json."
             ) from exc
+
+    @classmethod
+    def read(cls, path: str | Path, *, num_layers: int | None = None) -> PrunePlan:
+        """A user-given plan file (or a `layerlens prune` output folder), refusing what cannot be replayed."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "layerlens_plan.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlanError(f"Could not read the plan file '{path}' ({exc.strerror}); check the path.") from exc
+        plan = cls.from_json(text)
+        if plan.params.get("replacement"):
+            raise PlanError(f"The plan in '{path}' replaced layers with a trained layer that a plan cannot "
+                            "rebuild; use the pruned model folder it was saved with instead.")
+        if num_layers is not None and plan.num_layers != num_layers:
+            raise PlanError(f"The plan in '{path}' is for a {plan.num_layers}-layer model but the model has "
+                            f"{num_layers} layers.")
+        return plan
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:

@@ -56,7 +56,7 @@ def test_replacement_plan_cannot_be_replayed(tiny_llama, tmp_path, capsys):
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     rc = main(["eval", "--model", str(tiny_llama), "--plan", str(tmp_path / "plan.json"), "--mmlu", "none",
                "--seq-len", "32", "--ppl-data", DATA, "--out", str(tmp_path / "e"), "--runs-dir", str(tmp_path / "r")])
-    assert rc == 2 and "saved pruned folder" in _err(capsys)
+    assert rc == 2 and "pruned model folder" in _err(capsys)
 
 
 def test_nonfinite_logits_are_reported_not_averaged(tiny_llama):

@@ -80,21 +80,7 @@ def run(args: argparse.Namespace) -> int:
         from ..plans import PrunePlan
         from ..surgery import apply_plan
 
-        plan_path = Path(args.plan)
-        if plan_path.is_dir():  # a `layerlens prune` output folder
-            plan_path = plan_path / "layerlens_plan.json"
-        try:
-            text = plan_path.read_text(encoding="utf-8")
-        except OSError as exc:
-            from ..errors import LayerLensError
-
-            raise LayerLensError(f"Cannot read the plan '{args.plan}' ({exc.strerror}); check the path.") from exc
-        plan = PrunePlan.from_json(text)
-        from ..errors import LayerLensError
-
-        if plan.params.get("replacement"):
-            raise LayerLensError(f"The plan '{args.plan}' replaces layers with a trained layer that a plan "
-                                 "cannot rebuild; evaluate the saved pruned folder with --model instead.")
+        plan = PrunePlan.read(args.plan, num_layers=loaded.info.num_layers)
         model = apply_plan(model, plan)
     out: dict[str, Any] = {"perplexity": None, "perplexity_details": None, "mmlu": None,
                            "plan": plan.to_dict() if plan else None}

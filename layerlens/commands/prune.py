@@ -124,19 +124,7 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any]:
     """The plan the arguments describe, and the report it came from (or None)."""
     L = loaded.info.num_layers
     if args.plan_file:
-        try:
-            text = Path(args.plan_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PlanError(f"Could not read the plan file '{args.plan_file}' ({exc.strerror}).") from exc
-        plan = PrunePlan.from_json(text)
-        if plan.params.get("replacement"):
-            raise PlanError(f"The plan in '{args.plan_file}' replaced layers with a trained layer that a plan "
-                            "cannot rebuild; use the pruned model folder it was saved with instead.")
-        if plan.num_layers != L:
-            raise PlanError(
-                f"The plan in '{args.plan_file}' is for a {plan.num_layers}-layer model but the model "
-                f"has {L} layers."
-            )
+        plan = PrunePlan.read(args.plan_file, num_layers=L)
         return plan, None
     if args.remove:
         return make_plan("manual", None, layers=parse_indices(args.remove), num_layers=L), None
