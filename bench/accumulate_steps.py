@@ -4,7 +4,8 @@ prototype of a cheaper update with the same numbers.
 ``current_steps`` mirrors the library's update line by line (it is checked against the real
 ``_Accumulators.update`` on the same states before its timings are reported), so each step's cost can be
 read separately: the masking/stack copy, the finiteness check, the unit vectors, the cosine matmul, the
-magnitude, and the per-sample float64 CKA (the float64 copy, the Gram bmm, the HSIC terms).
+magnitude, and the per-sample CKA (the float32 Gram bmm, its float64 copy, the float64 HSIC terms) --
+as of library commit 50b8724 (float32 Gram); an assertion in bench_capture.py fails if they drift apart.
 
 ``proposed_update`` is what bench_capture.py suggests for the library (not used by it): with
 ``BufferedCapture`` no copy at all (the hooks already wrote the states into one reused block), else one
@@ -64,10 +65,11 @@ def current_steps(states: list[torch.Tensor], mask: torch.Tensor, sums: dict[str
     offset = 0
     for n in lengths:
         if n > 3:
-            x = tokens[:, offset:offset + n].double()
-            lap("CKA: float64 copy")
+            x = tokens[:, offset:offset + n]
             g = x @ x.transpose(1, 2)
-            lap("CKA: Gram bmm (float64)")
+            lap("CKA: Gram bmm (float32)")
+            g = g.double()
+            lap("CKA: Gram to float64")
             sums["hsic"] += unbiased_hsic_matrix(g)
             lap("CKA: HSIC terms")
         offset += n

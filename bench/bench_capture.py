@@ -35,8 +35,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cka", default="minibatch", choices=["minibatch", "exact"])
     p.add_argument("--proposed", action="store_true", help="also time analyze with the proposed update")
-    p.add_argument("--proposed-gram", default="float64", choices=["float64", "float32"],
-                   help="Gram dtype of the proposed update in analyze_proposed (float64: same numbers to 1e-12)")
+    p.add_argument("--proposed-gram", default="float32", choices=["float64", "float32"],
+                   help="Gram dtype of the proposed update in analyze_proposed (float32, like the library)")
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args()
     if args.quick:

@@ -79,8 +79,7 @@ def child(args) -> None:
             sums = {"cos": self.cos_sum, "mag": self.mag_sum, "hsic": self.hsic_sum}
             self.tokens += int(mask.sum())
             bufs = self.__dict__.setdefault("_bench_bufs", {})
-            self.cka_minibatches += steps.proposed_update(states, mask, sums, bufs=bufs,
-                                                          gram_dtype=torch.float64)
+            self.cka_minibatches += steps.proposed_update(states, mask, sums, bufs=bufs)
 
         _Accumulators.update = patched_update
     trace: list[list[int]] = []
