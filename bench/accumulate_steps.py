@@ -105,7 +105,7 @@ def _buffer(bufs: dict | None, name: str, numel: int, dtype: torch.dtype, device
 
 def proposed_update(states: list[torch.Tensor], mask: torch.Tensor, sums: dict[str, torch.Tensor],
                     gram_dtype: torch.dtype = torch.float32, times: dict[str, float] | None = None,
-                    bufs: dict | None = None, gram_budget: int = 256 << 20) -> int:
+                    bufs: dict | None = None, gram_budget: int = 32 << 20) -> int:
     """Same sums as the library's update (cos, mag, hsic); returns the number of CKA minibatches.
 
     One copy of the states into a reused (S, N, D) float32 buffer (no boolean gather when the batch has no

@@ -114,10 +114,12 @@ def _free_port() -> int:
 
 
 OBSERVER = """() => {
-  const app = document.querySelector('[data-testid="stApp"]');
+  if (window.__bench) return;
   window.__bench = {ev: [], t0: null};
-  new MutationObserver(() => window.__bench.ev.push([performance.now(), app.getAttribute('data-test-script-state')]))
-    .observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+  // on the whole document: survives a re-mounted stApp element
+  new MutationObserver(recs => { for (const r of recs) if (r.target.getAttribute('data-testid') === 'stApp')
+      window.__bench.ev.push([performance.now(), r.target.getAttribute('data-test-script-state')]); })
+    .observe(document.documentElement, {attributes: true, subtree: true, attributeFilter: ['data-test-script-state']});
   document.addEventListener('keydown', () => { window.__bench.t0 = performance.now(); }, true);
 }"""
 
@@ -200,19 +202,28 @@ def browser(args, extra_flags: tuple[str, ...] = ()) -> dict:
                     if time.time() > deadline:
                         raise RuntimeError("the slider move did not start a script run within 60 s")
                     time.sleep(0.02)
-                page.wait_for_function(DONE, timeout=60_000, polling="raf")
+                try:
+                    page.wait_for_function(DONE, timeout=15_000, polling="raf")
+                except Exception:  # noqa: BLE001 - the observer missed it (page re-mounted): count, go on
+                    page.evaluate(OBSERVER)
+                    return {"missed": True}
                 return page.evaluate(RESULT)
 
             press("ArrowRight")  # untimed warm-up move
             page.wait_for_timeout(300)
             before = json.loads(counts_path.read_text())
             moves = []
+            missed = 0
             for i in range(args.moves):
                 shown = layers_text()
                 m = press("ArrowRight" if (i // 4) % 2 == 0 else "ArrowLeft")
+                if m.get("missed"):
+                    missed += 1
+                    continue
                 m["layers_before"], m["layers_after"] = shown, layers_text()
                 moves.append(m)
                 page.wait_for_timeout(150)
+            res["missed_moves"] = missed
             page.wait_for_timeout(300)
             after = json.loads(counts_path.read_text())
             if args.profile_server:  # one more move, profiled (after the timed ones: cProfile slows it)

@@ -126,7 +126,10 @@ def main() -> None:
             print("    " + "; ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in row.items() if k != "work" and v != ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"summary{'.quick' if args.quick else ''}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    path = RESULTS / f"summary{'.quick' if args.quick else ''}.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}  # a partial run keeps the others' entries
+    merged.update(summary)
+    path.write_text(json.dumps({k: merged[k] for k in BENCHMARKS if k in merged}, indent=2) + "\n")
     sys.exit(0 if all(s["returncode"] == 0 for s in summary.values()) else 1)
 
 
