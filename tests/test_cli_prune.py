@@ -91,6 +91,40 @@ def test_prune_bi_ratio_records_report_and_matches_library(tiny_model_factory, t
     )
 
 
+DATA_FIELDS = ("samples", "seq_len", "batch_size", "data_description", "tokens")
+
+
+@pytest.mark.parametrize("plan_args", [["--remove", "1,3"], ["--merge", "2-3"], ["--strategy", "reverse", "--n", "1"]])
+def test_provenance_of_a_plan_made_without_data_records_no_data(tiny_llama, tmp_path, plan_args):
+    out = tmp_path / "explicit"
+    assert run("prune", "--model", tiny_llama, *plan_args, *FAST, "--out", out) == 0  # data args given, unused
+    meta = json.loads((out / "layerlens_plan.json").read_text())["meta"]
+    assert meta["data"] is None and meta["report_file"] is None
+    assert not set(DATA_FIELDS) & set(meta), meta
+    runs_record = json.loads(next((tmp_path / "runs" / "prune").glob("*.json")).read_text())
+    assert runs_record["meta"]["data"] is None
+
+
+def test_provenance_of_a_report_plan_is_the_reports_data(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen2")
+    out = tmp_path / "analysed"
+    assert run("prune", "--model", path, "--strategy", "bi", "--n", "1", *FAST, "--out", out) == 0
+    record = json.loads((out / "layerlens_plan.json").read_text())
+    rmeta, meta = record["report"]["meta"], record["meta"]
+    assert meta["samples"] == rmeta["samples"] and meta["seq_len"] == 24 and meta["batch_size"] == 3
+    assert meta["data"] == rmeta["data"] and meta["tokens"] == rmeta["tokens"]
+    # a reused report: its settings are recorded, not the (different, unused) data args of this call
+    (tmp_path / "report.json").write_text(json.dumps(record["report"]))
+    out2 = tmp_path / "reused"
+    assert run("prune", "--model", path, "--strategy", "bi", "--n", "1", "--report", tmp_path / "report.json",
+               "--device", "cpu", "--samples", "2", "--seq-len", "8", "--out", out2) == 0
+    meta2 = json.loads((out2 / "layerlens_plan.json").read_text())["meta"]
+    assert meta2["report_file"] == str(tmp_path / "report.json")
+    assert {k: meta2[k] for k in ("data", "samples", "seq_len", "batch_size", "tokens")} == {
+        k: rmeta[k] for k in ("data", "samples", "seq_len", "batch_size", "tokens")
+    }
+
+
 def test_plan_json_and_slm_merge(tiny_llama, tmp_path, capsys):
     assert (
         run(
@@ -214,6 +248,8 @@ def test_prune_streamline_with_replacement(tiny_llama, tmp_path):
     record = json.loads((out / "layerlens_plan.json").read_text())
     rep = record["plan"]["params"]["replacement"]
     assert rep["kind"] == "ffn" and rep["steps"] == 4
+    trained_on = record["meta"]["replacement_data"]
+    assert trained_on["samples"] == 6 and trained_on["seq_len"] == 24 and trained_on["seed"] == 0
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.num_hidden_layers == 5
     assert torch.isfinite(logits(reloaded)).all()

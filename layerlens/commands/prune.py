@@ -103,12 +103,29 @@ def _needs_report(args: argparse.Namespace) -> bool:
     return args.strategy in REPORT_STRATEGIES and not (args.strategy == "slm" and args.criterion == "output")
 
 
-def _token_lists(args: argparse.Namespace, loaded: Any) -> list[list[int]]:
+def _calibration(args: argparse.Namespace, loaded: Any) -> tuple[list[list[int]], dict[str, Any]]:
+    """The calibration token lists the data args give, and their provenance (what was actually used)."""
     from ..data import calibration_tokens, check_seq_len, load_texts
 
     check_seq_len(args.seq_len, loaded.info.max_positions)
     texts = load_texts(args.data, role="calibration", field=args.text_field)
-    return calibration_tokens(loaded.tokenizer, texts, args.samples, args.seq_len)
+    tokens = calibration_tokens(loaded.tokenizer, texts, args.samples, args.seq_len)
+    used = {
+        "data": texts.source,
+        "data_description": texts.description,
+        "samples": len(tokens),
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+    }
+    return tokens, used
+
+
+# The calibration settings a report records in its meta (see metrics.analyze), copied into a plan's provenance.
+_REPORT_DATA_FIELDS = ("data", "data_description", "samples", "seq_len", "batch_size", "tokens", "seed")
+
+
+def _report_data(report: Any) -> dict[str, Any]:
+    return {k: report.meta.get(k) for k in _REPORT_DATA_FIELDS}
 
 
 def _load_report(args: argparse.Namespace, loaded: Any):
@@ -120,27 +137,34 @@ def _load_report(args: argparse.Namespace, loaded: Any):
     return analyze_from_args(args, loaded)
 
 
-def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any]:
-    """The plan the arguments describe, and the report it came from (or None)."""
+def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, dict[str, Any] | None]:
+    """The plan the arguments describe, the report it came from (or None), and the calibration data it used.
+
+    The data is a provenance dict (``data``, ``samples``, ``seq_len``, ...) of what was actually used: the
+    report's own settings when the plan came from a report, the data args when forward passes probed the
+    model, and None when no data was used (explicit layers, a plan file, reverse/sequential/random).
+    """
     L = loaded.info.num_layers
     if args.plan_file:
         plan = PrunePlan.read(args.plan_file, num_layers=L)
-        return plan, None
+        return plan, None, None
     if args.remove:
-        return make_plan("manual", None, layers=parse_indices(args.remove), num_layers=L), None
+        return make_plan("manual", None, layers=parse_indices(args.remove), num_layers=L), None, None
     if args.merge:
         groups = [parse_indices(g, "--merge") for g in args.merge]
-        return make_plan("manual", None, merge=groups, formula=args.formula, num_layers=L), None
+        return make_plan("manual", None, merge=groups, formula=args.formula, num_layers=L), None, None
     report = _load_report(args, loaded) if _needs_report(args) else None
+    data = _report_data(report) if report is not None else None
     s = args.strategy
     if s == "slm":
         if args.criterion == "output":
             from ..plans import slm_output_plan
 
+            tokens, data = _calibration(args, loaded)
             plan = slm_output_plan(
                 loaded.model,
                 loaded.tokenizer,
-                _token_lists(args, loaded),
+                tokens,
                 args.threshold,
                 keep_last=args.keep_last,
                 formula=args.formula,
@@ -157,14 +181,15 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any]:
                 keep_last=args.keep_last,
                 formula=args.formula,
             )
-        return plan, report
+        return plan, report, data
     if s == "laco":
         from ..plans import laco_plan
 
+        tokens, data = _calibration(args, loaded)
         plan = laco_plan(
             loaded.model,
             loaded.tokenizer,
-            _token_lists(args, loaded),
+            tokens,
             args.threshold,
             m=args.laco_m,
             interval=args.laco_interval,
@@ -172,8 +197,8 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any]:
             batch_size=args.batch_size,
             progress=cli_progress("laco"),
         )
-        return plan, None
-    return make_plan(s, report, ratio=args.ratio, n=args.n, seed=args.seed, num_layers=L), report
+        return plan, None, data
+    return make_plan(s, report, ratio=args.ratio, n=args.n, seed=args.seed, num_layers=L), report, data
 
 
 def format_plan(plan: PrunePlan) -> str:
@@ -207,7 +232,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
     _check_args(args)
     loaded = load_from_args(args)
-    plan, _ = build_plan(args, loaded)
+    plan, _, _ = build_plan(args, loaded)
     if args.json:
         print_json({**plan.to_dict(), "summary": plan_summary(plan)})
     else:
@@ -225,15 +250,18 @@ def run_prune(args: argparse.Namespace) -> int:
         raise LayerLensError(f"--out '{out}' is a file; give a folder for the pruned model.")
     loaded = load_from_args(args)
     _check_out(out, loaded)
-    plan, report = build_plan(args, loaded)
+    plan, report, data = build_plan(args, loaded)
     replacement = None
+    replacement_data = None
     if args.replace != "none":
         from ..streamline import apply_replacement, replacement_plan, train_replacement
 
+        tokens, replacement_data = _calibration(args, loaded)
+        replacement_data["seed"] = args.seed
         replacement = train_replacement(
             loaded.model,
             loaded.tokenizer,
-            _token_lists(args, loaded),
+            tokens,
             plan,
             kind=args.replace,
             epochs=args.epochs,
@@ -247,7 +275,7 @@ def run_prune(args: argparse.Namespace) -> int:
         plan = replacement_plan(plan, replacement)
     else:
         model = apply_plan(loaded.model, plan)
-    data_args = {k: getattr(args, k, None) for k in ("data", "samples", "seq_len", "batch_size", "seed")}
+    # Provenance records only what was used: no calibration fields for a plan made without data.
     meta = provenance(
         model=loaded.info.model,
         revision=loaded.info.revision,
@@ -256,9 +284,12 @@ def run_prune(args: argparse.Namespace) -> int:
         device=loaded.info.device,
         num_layers=loaded.info.num_layers,
         num_layers_after=plan.num_layers_after,
-        report_file=args.report,
-        **data_args,
+        plan_file=str(args.plan_file) if args.plan_file else None,
+        report_file=str(args.report) if args.report and report is not None else None,
+        **(data if data is not None else {"data": None}),
     )
+    if replacement_data is not None:
+        meta["replacement_data"] = replacement_data
     record = {
         "plan": plan.to_dict(),
         "summary": plan_summary(plan),
