@@ -67,21 +67,6 @@ def child(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda_before = torch.cuda.memory_allocated()
-    if args.proposed:  # the capture + update suggested by bench_capture.py (buffers reused across batches)
-        import accumulate_steps as steps
-
-        import layerlens.metrics as metrics_module
-        from layerlens.metrics import _Accumulators
-
-        metrics_module.ResidualCapture = steps.BufferedCapture
-
-        def patched_update(self, states, mask):
-            sums = {"cos": self.cos_sum, "mag": self.mag_sum, "hsic": self.hsic_sum}
-            self.tokens += int(mask.sum())
-            bufs = self.__dict__.setdefault("_bench_bufs", {})
-            self.cka_minibatches += steps.proposed_update(states, mask, sums, bufs=bufs)
-
-        _Accumulators.update = patched_update
     trace: list[list[int]] = []
 
     def progress(done: int, total: int, _msg: str) -> None:  # RSS and high-water mark after each batch
@@ -116,10 +101,9 @@ def main() -> None:
     p.add_argument("--cka", default="minibatch", choices=["minibatch", "exact"])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", action="store_true", help="one tiny forward before the baseline is taken")
-    p.add_argument("--proposed", action="store_true", help=argparse_hidden())
     p.add_argument("--diagnose", action="store_true",
-                   help="also measure with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=1 MiB), with the "
-                        "capture + update proposed by bench_capture.py, and both: allocator growth vs kept data")
+                   help="also measure with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=1 MiB): "
+                        "allocator growth vs kept data")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
     args = p.parse_args()
     if args.quick:
@@ -133,8 +117,6 @@ def main() -> None:
     variants = {"library": ({}, [])}
     if args.diagnose:
         variants["library, MALLOC_MMAP_THRESHOLD_=1MiB"] = ({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}, [])
-        variants["proposed capture + update (reused buffers)"] = ({}, ["--proposed"])
-        variants["proposed, MALLOC_MMAP_THRESHOLD_=1MiB"] = ({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}, ["--proposed"])
     results_by_variant = {}
     key = "cuda_peak_extra" if args.device.startswith("cuda") else "peak_extra_rss"
     big = f"{args.factor}x"

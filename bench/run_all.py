@@ -29,7 +29,7 @@ RESULTS = BENCH / "results"
 # name -> (script, extra flags for a full run); order: cheap first.
 BENCHMARKS = {
     "surgery": ("bench_surgery.py", []),
-    "capture": ("bench_capture.py", ["--proposed"]),
+    "capture": ("bench_capture.py", []),
     "memory": ("bench_memory.py", ["--diagnose"]),
     "mmlu_harness": ("bench_mmlu_harness.py", ["--profile"]),
     "sweep": ("bench_sweep.py", []),

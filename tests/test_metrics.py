@@ -183,3 +183,48 @@ def test_report_json_round_trip(tiny_llama, texts, tmp_path):
     for key in ("model", "dtype", "device", "data", "samples", "seq_len", "tokens", "seed",
                 "layerlens_version", "seconds"):
         assert key in again.meta
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_batched_grams_equal_per_sample_minibatches(monkeypatch, chunk_bytes):
+    """Unpadded batches take the batched-Gram path (chunked or not): same sums as one minibatch per sample."""
+    import layerlens.metrics as metrics
+
+    monkeypatch.setattr(metrics, "GRAM_CHUNK_BYTES", chunk_bytes)
+    block = torch.randn(5, 4, 12, 8, generator=torch.Generator().manual_seed(3))  # (S, B, T, D)
+    acc = _Accumulators(5, 8, "minibatch", torch.device("cpu"))
+    acc.update(block, torch.ones(4, 12, dtype=torch.long))
+    expect = sum(unbiased_hsic_matrix((block[:, b] @ block[:, b].transpose(1, 2)).double()) for b in range(4))
+    assert acc.cka_minibatches == 4 and acc.tokens == 48
+    torch.testing.assert_close(acc.hsic_sum, expect, rtol=1e-5, atol=1e-7)
+    # bfloat16 states are widened into a float32 buffer: the sums of the rounded states
+    low = _Accumulators(5, 8, "minibatch", torch.device("cpu"))
+    low.update(block.bfloat16(), torch.ones(4, 12, dtype=torch.long))
+    ref = _Accumulators(5, 8, "minibatch", torch.device("cpu"))
+    ref.update(block.bfloat16().float(), torch.ones(4, 12, dtype=torch.long))
+    torch.testing.assert_close(low.cos_sum, ref.cos_sum, rtol=0, atol=0)
+    torch.testing.assert_close(low.hsic_sum, ref.hsic_sum, rtol=0, atol=0)
+
+
+def test_hsic_does_not_modify_its_input():
+    grams = torch.randn(3, 6, 6, dtype=torch.float64)
+    grams = grams + grams.transpose(1, 2)
+    before = grams.clone()
+    unbiased_hsic_matrix(grams)
+    assert torch.equal(grams, before)
+
+
+def test_capture_reuses_one_block_and_detects_a_missing_layer(tiny_llama):
+    from layerlens.capture import ResidualCapture
+
+    lm = load_model(str(tiny_llama), device="cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with ResidualCapture(lm.model) as cap, torch.inference_mode():
+        lm.model(input_ids=ids)
+        first = cap.take()
+        assert first.shape[:3] == (len(cap.layers) + 1, 1, 4)
+        ptr = first.data_ptr()
+        lm.model(input_ids=ids[:, :3])  # smaller batch: the same buffer, a smaller view
+        assert cap.take().data_ptr() == ptr
+        with pytest.raises(RuntimeError, match="did not run"):
+            cap.take()  # nothing ran since the last take
