@@ -15,7 +15,9 @@ After surgery the model is self-consistent: the decoder layer list is replaced, 
 ``layer_idx`` is its new position, the config's layer count is patched and every per-layer config list
 (``layer_types``, or any list of length L) is REINDEXED by the kept layers (layer j of the pruned model
 keeps the attention type of the original layer it came from). So ``generate(use_cache=True)`` and
-``save_pretrained`` + ``from_pretrained`` work.
+``save_pretrained`` + ``from_pretrained`` work. A model loaded with ``device_map`` keeps an
+``hf_device_map`` that matches its layers: entries of kept layers renamed to their new index, entries of
+removed layers dropped (or no map at all when it cannot be made right, see :func:`pruned_device_map`).
 
 Merges: the merged layer sits at its group's base (lowest index). Its attention and MLP parameters
 (weights and biases of the adapter's ``mergeable_parts``, norm modules inside them excepted) come from the
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import re
 import types
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -242,6 +245,53 @@ def _configs_of(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+# -- device map ------------------------------------------------------------------------------------------
+def pruned_device_map(
+    device_map: Any, layers_path: str, plan: PrunePlan, replaced: dict[int, bool] | None = None
+) -> dict[str, Any] | None:
+    """The ``hf_device_map`` of the pruned model, or None when it cannot be made right.
+
+    Keys naming layer i or a sub-module of it (``"model.layers.3"``, ``"model.layers.3.mlp"``) are renamed
+    to the layer's new index; those of layers that disappear are dropped; every other key (embeddings,
+    norm, head, the whole layer list) is kept. ``replaced`` maps the original index of a layer swapped for
+    a foreign module (a trained replacement) to whether that module sits on the base layer's one device:
+    its entries collapse to one whole-layer entry, and a replacement elsewhere (or a base layer split over
+    several devices) gives None.
+    """
+    if not isinstance(device_map, dict):
+        return None
+    pattern = re.compile(rf"{re.escape(layers_path)}\.(\d+)((?:\..+)?)")
+    layer_map = plan.layer_map
+    out: dict[str, Any] = {}
+    whole: dict[int, set[Any]] = {}  # replaced layer (original index) -> the devices of its entries
+    for key, device in device_map.items():
+        m = pattern.fullmatch(str(key))
+        if m is None:
+            out[key] = device
+            continue
+        old = int(m.group(1))
+        new = layer_map.get(old)
+        if new is None:
+            continue
+        if replaced is not None and old in replaced:
+            whole.setdefault(old, set()).add(device)
+            continue
+        out[f"{layers_path}.{new}{m.group(2)}"] = device
+    for old, same_device in (replaced or {}).items():
+        devices = whole.get(old, set())
+        if not same_device or len(devices) > 1:
+            return None
+        if devices:
+            out[f"{layers_path}.{layer_map[old]}"] = devices.pop()
+    return out
+
+
+def _single_device_as(layer: nn.Module, base: nn.Module) -> bool:
+    """Whether every parameter of ``layer`` sits on the one device that all of ``base``'s sit on."""
+    devices = {p.device for p in base.parameters()}
+    return len(devices) == 1 and {p.device for p in layer.parameters()} <= devices
+
+
 # -- the two forms -----------------------------------------------------------------------------------------
 def _prepare(model: nn.Module, plan: PrunePlan) -> tuple[ArchAdapter, nn.ModuleList]:
     if not isinstance(plan, PrunePlan):
@@ -309,6 +359,13 @@ def apply_plan(
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         new_model.generation_config = copy.deepcopy(gen)
+    if "hf_device_map" in model.__dict__:  # shared by the shallow clone: replace, never edit in place
+        replaced = {old: _single_device_as(mod, layers[old]) for old, mod in replacements.items()}
+        device_map = pruned_device_map(model.__dict__["hf_device_map"], adapter.layers, plan, replaced)
+        if device_map is None:
+            del new_model.__dict__["hf_device_map"]
+        else:
+            new_model.__dict__["hf_device_map"] = device_map
     if copy_weights:
         materialize(new_model)
     return new_model
@@ -344,6 +401,8 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
     ]
     changes = config_changes(model.config, adapter, plan.kept_layers, plan.num_layers)
     saved_cfg = [(c, {k: getattr(c, k) for k in changes if hasattr(c, k)}) for c in _configs_of(model)]
+    has_map = "hf_device_map" in model.__dict__
+    saved_map = model.__dict__.get("hf_device_map")
     try:
         set_attr(model, adapter.layers, new_list)
         for j, mod in enumerate(new_list):
@@ -351,6 +410,12 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
         for c, old in saved_cfg:
             for k in old:
                 setattr(c, k, changes[k])
+        if has_map:
+            device_map = pruned_device_map(saved_map, adapter.layers, plan)
+            if device_map is None:
+                del model.__dict__["hf_device_map"]
+            else:
+                model.__dict__["hf_device_map"] = device_map
         yield model
     finally:
         set_attr(model, adapter.layers, layers)
@@ -359,3 +424,5 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
         for c, old in saved_cfg:
             for k, v in old.items():
                 setattr(c, k, v)
+        if has_map:
+            model.__dict__["hf_device_map"] = saved_map

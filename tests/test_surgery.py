@@ -473,3 +473,68 @@ def test_dtype_kept_and_every_per_layer_list_reindexed(tiny_model_factory):
     # q_norm / k_norm are norms inside the attention: they keep the base's
     assert decoder_layers(new)[2].self_attn.q_norm.weight is decoder_layers(model)[3].self_attn.q_norm.weight
     assert torch.isfinite(logits(new)).all()
+
+
+def _hand_set_device_map(model) -> dict:
+    """A device map as accelerate's ``dispatch_model`` records it, with a layer split into sub-modules."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu"}
+    for i in range(6):
+        if i == 4:
+            device_map.update({"model.layers.4.self_attn": "cpu", "model.layers.4.mlp": "cpu",
+                               "model.layers.4.input_layernorm": "cpu",
+                               "model.layers.4.post_attention_layernorm": "cpu"})
+        else:
+            device_map[f"model.layers.{i}"] = "cpu"
+    device_map.update({"model.norm": "cpu", "lm_head": "cpu"})
+    model.hf_device_map = device_map
+    return copy.deepcopy(device_map)
+
+
+@pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
+def test_device_map_follows_the_kept_layers(tiny_llama, tmp_path):
+    model = load_model(str(tiny_llama), device="cpu").model
+    original = _hand_set_device_map(model)
+    plan = PrunePlan(6, "merge", merge=((1, 2),), merge_formula="mean")  # kept: 0, 1(merged), 3, 4, 5
+    new = apply_plan(model, plan)
+    assert new.hf_device_map == {
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu",
+        "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "cpu",
+        "model.layers.3.self_attn": "cpu", "model.layers.3.mlp": "cpu",
+        "model.layers.3.input_layernorm": "cpu", "model.layers.3.post_attention_layernorm": "cpu",
+        "model.layers.4": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+    }
+    # every key names a module of the new model, every layer is covered: accelerate can follow it
+    names = dict(new.named_modules())
+    assert all(k in names for k in new.hf_device_map)
+    assert model.hf_device_map == original and model.hf_device_map is not new.hf_device_map
+    removed = apply_plan(model, PrunePlan(6, "remove", remove=(0, 4)))
+    assert [k for k in removed.hf_device_map if k.startswith("model.layers")] == [
+        "model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3"]
+    assert model.hf_device_map == original
+    removed.save_pretrained(tmp_path / "saved")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config.num_hidden_layers == 4
+    with pruned(model, PrunePlan(6, "remove", remove=(0, 4))) as inplace:
+        assert inplace.hf_device_map == removed.hf_device_map
+    assert model.hf_device_map == original
+
+
+def test_device_map_reindex_values_and_unfixable_maps(tiny_llama):
+    from layerlens.surgery import pruned_device_map
+
+    dm = {"": 0} | {f"model.layers.{i}": i for i in range(6)} | {"model.layers.5.mlp": "disk"}
+    plan = PrunePlan(6, "remove", remove=(1, 2))
+    assert pruned_device_map(dm, "model.layers", plan) == {
+        "": 0, "model.layers.0": 0, "model.layers.1": 3, "model.layers.2": 4, "model.layers.3": 5,
+        "model.layers.3.mlp": "disk",
+    }
+    assert pruned_device_map({"model.layers.10": 1}, "model.layers", plan) == {}  # unknown, not layer 1
+    assert pruned_device_map(None, "model.layers", plan) is None
+    merge = PrunePlan(6, "merge", merge=((2, 3, 4),))
+    assert pruned_device_map(dm, "model.layers", merge, {2: True})["model.layers.2"] == 2
+    assert pruned_device_map(dm, "model.layers", merge, {2: False}) is None  # replacement elsewhere
+    split = {"model.layers.2.self_attn": 0, "model.layers.2.mlp": 1}
+    assert pruned_device_map(split, "model.layers", merge, {2: True}) is None
+    # a model whose map cannot be made right loses it (the original keeps its own)
+    model = load_model(str(tiny_llama), device="cpu").model
+    model.hf_device_map = "balanced"
+    assert not hasattr(apply_plan(model, plan), "hf_device_map") and model.hf_device_map == "balanced"
