@@ -6,10 +6,18 @@ The dashboard draws these figures and the CLI / Export page save the very same f
 * a title, axis titles with units, and decoder-layer indices 0-based (as in the CLI and ``LayerReport``);
 * hover text that names the layer(s) and the value;
 * no global state: the same inputs give the same figure.
+
+Figures are built from complete specs (``data`` as trace dicts, ``layout`` as nested dicts, the template
+resolved once) with plotly's property validation switched off (:func:`_figure`): validating a figure,
+mostly re-validating and deep-copying the template, cost ~20 ms of every Prune-page rerun.
+``tests/test_plots.py`` validates every builder's spec instead (a validating ``go.Figure`` rebuilt from
+it must give the same JSON).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 import shutil
@@ -37,7 +45,35 @@ METRIC_LABELS = {
     "mmlu_accuracy": "MMLU accuracy (%)",
 }
 
-_LAYOUT = dict(template="plotly_white", margin=dict(l=70, r=30, t=70, b=60), font=dict(size=13))
+TEMPLATE = "plotly_white"
+
+
+@functools.cache
+def _template_spec() -> dict[str, Any]:
+    """The registered template as plain JSON, resolved once per process (plotly looks it up and re-validates
+    it on every ``template=`` assignment otherwise)."""
+    import plotly.io as pio
+
+    return pio.templates[TEMPLATE].to_plotly_json()
+
+
+def _layout(**props: Any) -> dict[str, Any]:
+    """The common layout (template, margins, font) with ``props`` on top; a private copy of the template."""
+    return dict(template=copy.deepcopy(_template_spec()), margin=dict(l=70, r=30, t=70, b=60),
+                font=dict(size=13)) | props
+
+
+def _title(text: str) -> dict[str, str]:
+    return {"text": text}
+
+
+def _figure(data: list[dict[str, Any]], layout: dict[str, Any]) -> go.Figure:
+    """A figure from a complete spec without plotly's per-property validation (see the module docstring).
+
+    Write specs as plotly's JSON has them: nested dicts (``xaxis={"title": {"text": ...}}``, no
+    ``xaxis_title`` shorthand), ``"type"`` in every trace, lists or numpy arrays for data.
+    """
+    return go.Figure(data=data, layout=layout, _validate=False)
 
 
 def strategy_color(name: str) -> str:
@@ -89,22 +125,22 @@ def bi_bar(report: Any, metric: str = "bi", block_size: int = 1, highlight: Any 
     labels = [f"layer {i}" if n == 1 else f"layers {i}–{i + n - 1}" for i in starts]
     lowest = sorted(starts, key=lambda i: (values[i], i))
     rank = {i: r + 1 for r, i in enumerate(lowest)}
-    fig = go.Figure(go.Bar(
-        x=starts, y=values, marker_color=colors, customdata=np.array([[i, rank[i]] for i in starts]),
-        text=None, name=metric,
+    bar = dict(
+        type="bar", x=starts, y=values, marker=dict(color=colors),
+        customdata=np.array([[i, rank[i]] for i in starts]), name=metric,
         hovertext=[f"{lab}{' (selected)' if m else ''}" for lab, m in zip(labels, is_marked, strict=True)],
         hovertemplate="<b>%{hovertext}</b><br>value %{y:.5f}<br>rank %{customdata[1]} (1 = most redundant)"
                       "<extra></extra>",
-    ))
-    head, ytitle = BAR_METRICS[metric]
-    fig.update_layout(
-        title=title or head.format(n=n) + " — low = redundant",
-        xaxis_title="Decoder layer index (0-based)" if n == 1 else f"First layer of the {n}-layer block (0-based)",
-        yaxis_title=ytitle, showlegend=False, bargap=0.15, dragmode="select", **_LAYOUT,
     )
+    head, ytitle = BAR_METRICS[metric]
     step = 1 if len(values) <= 24 else 2 if len(values) <= 64 else _tick_step(len(values))
-    fig.update_xaxes(tickmode="linear", tick0=0, dtick=step, range=[-0.6, len(values) - 0.4], tickangle=0)
-    return fig
+    return _figure([bar], _layout(
+        title=_title(title or head.format(n=n) + " — low = redundant"),
+        xaxis=dict(title=_title("Decoder layer index (0-based)" if n == 1
+                                else f"First layer of the {n}-layer block (0-based)"),
+                   tickmode="linear", tick0=0, dtick=step, range=[-0.6, len(values) - 0.4], tickangle=0),
+        yaxis=dict(title=_title(ytitle)), showlegend=False, bargap=0.15, dragmode="select",
+    ))
 
 
 def _tick_step(n: int) -> int:
@@ -152,35 +188,43 @@ def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | Non
     hover = [[f"h_{a} vs h_{b}<br>{HEATMAP_KINDS[kind]} {m[a, b]:.4f}<br>"
               f"{_span_text(a, b)}" for b in idx] for a in idx]
     zmin = 0.0 if kind == "cka" else float(min(0.0, np.nanmin(m)))
-    fig = go.Figure(go.Heatmap(
-        z=m, x=idx, y=idx, text=hover, hovertemplate="%{text}<extra></extra>",
-        colorscale="Viridis", zmin=zmin, zmax=1.0,
+    heat = dict(
+        type="heatmap", z=m, x=idx, y=idx, text=hover, hovertemplate="%{text}<extra></extra>",
+        colorscale=_colorscale("Viridis"), zmin=zmin, zmax=1.0,
         colorbar=dict(title=dict(text=f"{HEATMAP_KINDS[kind]}<br>(unitless)", side="right")),
-    ))
+    )
     if groups is not None:
         runs = [(g[0] + 1, g[-1] + 1) for g in groups]
     elif threshold is not None:
         runs = similar_runs(report, kind, threshold)
     else:
         runs = []
-    for s, e in runs:
-        fig.add_shape(type="rect", x0=s - 0.5, x1=e + 0.5, y0=s - 0.5, y1=e + 0.5,
-                      line=dict(color="red", width=3), fillcolor="rgba(0,0,0,0)", name=f"run {s}-{e}")
+    shapes = [dict(type="rect", x0=s - 0.5, x1=e + 0.5, y0=s - 0.5, y1=e + 0.5, line=dict(color="red", width=3),
+                   fillcolor="rgba(0,0,0,0)", name=f"run {s}-{e}") for s, e in runs]
     head = HEATMAP_KINDS[kind] + " between residual states"
     if groups is not None:
         head += f" — {len(runs)} merge group(s) outlined"
     elif threshold is not None:
         head += f" — {len(runs)} run(s) ≥ {threshold:.2f} outlined"
     step = 1 if size <= 20 else 2 if size <= 48 else _tick_step(size)
-    fig.update_layout(
-        title=title or head, height=560,
-        xaxis_title="Residual state h_i (input of layer i; 0-based)",
-        yaxis_title="Residual state h_j (input of layer j; 0-based)", **_LAYOUT,
+    layout = _layout(
+        title=_title(title or head), height=560,
+        xaxis=dict(title=_title("Residual state h_i (input of layer i; 0-based)"), tickmode="linear", tick0=0,
+                   dtick=step, constrain="domain"),
+        yaxis=dict(title=_title("Residual state h_j (input of layer j; 0-based)"), tickmode="linear", tick0=0,
+                   dtick=step, autorange="reversed", scaleanchor="x", constrain="domain"),
     )
-    fig.update_xaxes(tickmode="linear", tick0=0, dtick=step, constrain="domain")
-    fig.update_yaxes(tickmode="linear", tick0=0, dtick=step, autorange="reversed", scaleanchor="x",
-                     constrain="domain")
-    return fig
+    if shapes:
+        layout["shapes"] = shapes
+    return _figure([heat], layout)
+
+
+def _colorscale(name: str) -> list[list[Any]]:
+    """A named sequential colorscale as plotly's validator writes it: [[i / (n - 1), color], ...]."""
+    import plotly.colors
+
+    colors = getattr(plotly.colors.sequential, name)
+    return [[i / (len(colors) - 1), c] for i, c in enumerate(colors)]
 
 
 def _span_text(a: int, b: int) -> str:
@@ -204,7 +248,7 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
     Merged cells read ``i→j`` (merged into layer j).
     """
     rows = sorted((dict(r) for r in summary), key=lambda r: int(r["layer"]))
-    fig = go.Figure()
+    bars = []
     for status in ("kept", "removed", "merged"):
         part = [r for r in rows if r.get("status") == status]
         if not part:
@@ -215,8 +259,8 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
             "kept" if status == "kept" else "removed" if status == "removed"
             else "merge base (the group's weights are merged here)" if r.get("into") == r["layer"]
             else f"merged into layer {r['into']}") for r in part]
-        fig.add_trace(go.Bar(
-            x=[int(r["layer"]) for r in part], y=[1] * len(part), name=f"{status} ({len(part)})",
+        bars.append(dict(
+            type="bar", x=[int(r["layer"]) for r in part], y=[1] * len(part), name=f"{status} ({len(part)})",
             marker=dict(color=STATUS_COLORS[status], line=dict(color="white", width=1)),
             text=text, textposition="inside", insidetextanchor="middle", textangle=0,
             hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", width=0.95,
@@ -229,17 +273,14 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
     parts = [f"{n_removed} removed"] if n_removed or not merged else []
     if merged:
         parts.append(f"{len(merged)} merged into {len(groups)}")
-    fig.update_layout(
-        title=title or f"Layer plan: {n - gone} of {n} layers remain ({', '.join(parts)})",
-        xaxis_title="Decoder layer index (0-based)", barmode="overlay", height=230,
+    return _figure(bars, _layout(
+        title=_title(title or f"Layer plan: {n - gone} of {n} layers remain ({', '.join(parts)})"),
+        xaxis=dict(title=_title("Decoder layer index (0-based)"), tickmode="linear", tick0=0, dtick=_tick_step(n),
+                   range=[-0.6, max(n, 1) - 0.4], showgrid=False),
+        yaxis=dict(visible=False, range=[0, 1]), barmode="overlay", height=230,
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
-        template="plotly_white", margin=dict(l=30, r=30, t=80, b=50), font=dict(size=13),
-        uniformtext=dict(minsize=8, mode="hide"),
-    )
-    fig.update_yaxes(visible=False, range=[0, 1])
-    fig.update_xaxes(tickmode="linear", tick0=0, dtick=_tick_step(n), range=[-0.6, max(n, 1) - 0.4],
-                     showgrid=False)
-    return fig
+        margin=dict(l=30, r=30, t=80, b=50), uniformtext=dict(minsize=8, mode="hide"),
+    ))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,16 +321,24 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
         raise ValueError(f"metric must be one of {', '.join(METRIC_LABELS)}, got {metric!r}")
     df = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(list(frame))
     scale = 100.0 if metric == "mmlu_accuracy" else 1.0
-    fig = go.Figure()
+    traces: list[dict[str, Any]] = []
+    layout = _layout(
+        title=_title(title or f"{ {'perplexity': 'Perplexity', 'mmlu_accuracy': 'MMLU accuracy'}[metric]} vs. "
+                     "pruning ratio"),
+        xaxis=dict(title=_title("Pruning ratio (% of decoder layers removed)"), ticksuffix="%", rangemode="tozero"),
+        yaxis=dict(title=_title(METRIC_LABELS[metric])) | (
+            dict(type="log") if metric == "perplexity" else dict(ticksuffix="%")),
+        legend=dict(title=_title("Strategy")), hovermode="closest",
+    )
     if len(df) and metric in df.columns:
         df = df[pd.notna(df[metric])] if metric in df else df
         for strategy in sorted(df["strategy"].astype(str).unique()) if len(df) else []:
             part = df[df["strategy"].astype(str) == strategy].sort_values("ratio")
             removed = [_layers_text(v) for v in part.get("removed_layers", [None] * len(part))]
             n_removed = list(part["n_removed"]) if "n_removed" in part else [""] * len(part)
-            fig.add_trace(go.Scatter(
-                x=100.0 * part["ratio"].astype(float), y=scale * part[metric].astype(float),
-                mode="lines+markers", name=strategy,
+            traces.append(dict(
+                type="scatter", x=100.0 * part["ratio"].to_numpy(dtype=float),
+                y=scale * part[metric].to_numpy(dtype=float), mode="lines+markers", name=strategy,
                 line=dict(color=strategy_color(strategy), width=2), marker=dict(size=7),
                 customdata=np.array(list(zip(n_removed, removed, strict=True)), dtype=object),
                 hovertemplate=(f"<b>{strategy}</b><br>removed %{{x:.1f}}% of layers (%{{customdata[0]}})"
@@ -301,28 +350,21 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
         label = str(cur.get("label") or "current plan")
         value = cur.get("value")
         if value is not None and np.isfinite(float(value)):
-            fig.add_trace(go.Scatter(
-                x=[x], y=[scale * float(value)], mode="markers", name=label,
+            traces.append(dict(
+                type="scatter", x=[x], y=[scale * float(value)], mode="markers", name=label,
                 marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1.5)),
                 hovertemplate=f"<b>{label}</b><br>removed %{{x:.1f}}%<br>{_short(metric)} %{{y:.4g}}<extra></extra>",
             ))
-        else:
-            fig.add_vline(x=x, line=dict(color="black", dash="dash", width=1.5),
-                          annotation_text=label, annotation_position="top")
-    fig.update_layout(
-        title=title or f"{ {'perplexity': 'Perplexity', 'mmlu_accuracy': 'MMLU accuracy'}[metric]} vs. pruning ratio",
-        xaxis_title="Pruning ratio (% of decoder layers removed)",
-        yaxis_title=METRIC_LABELS[metric], legend_title="Strategy", hovermode="closest", **_LAYOUT,
-    )
-    fig.update_xaxes(ticksuffix="%", rangemode="tozero")
-    if metric == "perplexity":
-        fig.update_yaxes(type="log")
-    else:
-        fig.update_yaxes(ticksuffix="%")
-    if not fig.data:
-        fig.add_annotation(text="No sweep points yet", showarrow=False, x=0.5, y=0.5,
-                           xref="paper", yref="paper", font=dict(size=16, color="gray"))
-    return fig
+        else:  # a vertical line across the plot, labelled above it (what fig.add_vline draws)
+            layout["shapes"] = [dict(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="y domain",
+                                     line=dict(color="black", dash="dash", width=1.5))]
+            layout["annotations"] = [dict(text=label, showarrow=False, x=x, xref="x", y=1, yref="y domain",
+                                          xanchor="center", yanchor="bottom")]
+    if not traces:
+        layout.setdefault("annotations", []).append(dict(
+            text="No sweep points yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+            font=dict(size=16, color="gray")))
+    return _figure(traces, layout)
 
 
 def _short(metric: str) -> str:

@@ -144,3 +144,41 @@ def test_layer_strip_statuses():
     assert list(names["merged"].text) == ["3", "4→3"]  # the base keeps its number
     assert "0-based" in fig.layout.xaxis.title.text
     assert "4 of 6 layers remain (1 removed, 2 merged into 1)" in fig.layout.title.text
+
+
+def _every_figure():
+    from layerlens.plans import PrunePlan, plan_summary, slm_plan
+
+    rep = _report(30)
+    yield bi_bar(rep, highlight=(3, 4, 20))
+    yield bi_bar(rep, "block_distance", block_size=3, highlight=(5,))
+    yield layer_strip(plan_summary(PrunePlan(num_layers=30, method="remove", remove=(1, 5, 9))))
+    yield layer_strip(plan_summary(slm_plan(rep, 0.9)))
+    yield layer_strip([])
+    yield similarity_heatmap(rep, "cka", threshold=0.9)
+    yield similarity_heatmap(rep, "cosine")
+    yield sweep_figure(_sweep_frame(), "perplexity", current={"ratio": 0.2, "value": 15.0})
+    yield sweep_figure(_sweep_frame(), "mmlu_accuracy", current=0.1)
+    yield sweep_figure(_sweep_frame().iloc[:0])
+
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_builders_specs_pass_plotly_validation(index):
+    """The builders skip plotly's validation for speed; a validating Figure rebuilt from each spec must accept
+    every property (no typo, no wrong type) and serialize to the very same JSON."""
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    fig = list(_every_figure())[index]
+    checked = go.Figure(fig.to_dict())  # validates every property; raises on an invalid one
+    assert json.loads(pio.to_json(checked, validate=False)) == json.loads(pio.to_json(fig, validate=False))
+    assert fig.layout.template.layout.plot_bgcolor == "white"  # plotly_white, resolved
+
+
+def test_builders_do_not_share_mutable_state():
+    a, b = layer_strip([{"layer": 0, "status": "kept"}]), layer_strip([{"layer": 0, "status": "kept"}])
+    a.layout.template.layout.font.size = 40
+    assert b.layout.template.layout.font.size != 40
