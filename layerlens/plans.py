@@ -750,21 +750,14 @@ def make_plan(
         if n is not None:
             raise PlanError("SLM takes a threshold or a target ratio, not a layer count.")
         if criterion == "output":
-            if threshold is None:
-                raise PlanError("SLM with the output criterion needs a similarity threshold.")
-            if model is None or "token_lists" not in kw:
-                raise PlanError(
-                    "SLM with the output criterion probes the model with forward passes; pass model, "
-                    "tokenizer and token_lists (or use slm_output_plan)."
-                )
-            return slm_output_plan(
+            return _probed_plan(
+                slm_output_plan,
+                "SLM with the output criterion",
                 model,
-                kw.pop("tokenizer", None),
-                kw.pop("token_lists"),
                 threshold,
+                kw,
                 keep_last=keep_last,
                 formula=formula,
-                **kw,
             )
         _no_extra(strategy, kw)
         return slm_plan(
@@ -777,14 +770,7 @@ def make_plan(
         )
 
     if strategy == "laco":
-        if threshold is None:
-            raise PlanError("LaCo needs a similarity threshold (e.g. 0.9).")
-        if model is None or "token_lists" not in kw:
-            raise PlanError(
-                "LaCo probes the model with forward passes; pass model, tokenizer and token_lists "
-                "(or use laco_plan)."
-            )
-        return laco_plan(model, kw.pop("tokenizer", None), kw.pop("token_lists"), threshold, **kw)
+        return _probed_plan(laco_plan, "LaCo", model, threshold, kw)
 
     _no_extra(strategy, kw)
     if threshold is not None:
@@ -816,6 +802,26 @@ def make_plan(
         if k:
             params["cosine"] = rep.cosine[start][start + k]
     return PrunePlan(L, "remove", remove=remove, strategy=strategy, params=params)
+
+
+def _probed_plan(
+    plan_fn: Callable[..., PrunePlan],
+    what: str,
+    model: Any,
+    threshold: float | None,
+    kw: dict[str, Any],
+    **options: Any,
+) -> PrunePlan:
+    """``plan_fn(model, tokenizer, token_lists, threshold, ...)`` for a forward-pass criterion (SLM output,
+    LaCo), refusing a call that lacks the threshold or the model and data to probe."""
+    if threshold is None:
+        raise PlanError(f"{what} needs a similarity threshold (e.g. 0.9).")
+    if model is None or "token_lists" not in kw:
+        raise PlanError(
+            f"{what} probes the model with forward passes; pass model, tokenizer and token_lists "
+            f"(or use {plan_fn.__name__})."
+        )
+    return plan_fn(model, kw.pop("tokenizer", None), kw.pop("token_lists"), threshold, **options, **kw)
 
 
 def _no_extra(strategy: str, kw: dict[str, Any]) -> None:

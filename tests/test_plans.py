@@ -274,6 +274,16 @@ def test_strategy_argument_errors():
     assert make_plan("manual", rep, merge=[[1, 2]], formula="mean").merge_formula == "mean"
 
 
+def test_forward_pass_strategies_need_threshold_model_and_data():
+    for kwargs, what, fn in [({"criterion": "output"}, "SLM with the output criterion", "slm_output_plan"),
+                             ({}, "LaCo", "laco_plan")]:
+        strategy = "slm" if kwargs else "laco"
+        with pytest.raises(PlanError, match=rf"^{what} needs a similarity threshold"):
+            make_plan(strategy, None, num_layers=6, **kwargs)
+        with pytest.raises(PlanError, match=rf"^{what} probes the model .*token_lists \(or use {fn}\)\.$"):
+            make_plan(strategy, None, threshold=0.9, num_layers=6, tokenizer=None, **kwargs)
+
+
 # -- property test -------------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(

@@ -153,52 +153,49 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, d
     if args.merge:
         groups = [parse_indices(g, "--merge") for g in args.merge]
         return make_plan("manual", None, merge=groups, formula=args.formula, num_layers=L), None, None
-    report = _load_report(args, loaded) if _needs_report(args) else None
-    data = _report_data(report) if report is not None else None
     s = args.strategy
-    if s == "slm":
-        if args.criterion == "output":
-            from ..plans import slm_output_plan
+    if s == "slm" and args.criterion == "output":
+        from ..plans import slm_output_plan
 
-            tokens, data = _calibration(args, loaded)
-            plan = slm_output_plan(
-                loaded.model,
-                loaded.tokenizer,
-                tokens,
-                args.threshold,
-                keep_last=args.keep_last,
-                formula=args.formula,
-                batch_size=args.batch_size,
-                progress=cli_progress("slm"),
-            )
-        else:
-            plan = make_plan(
-                "slm",
-                report,
-                threshold=args.threshold,
-                ratio=args.ratio,
-                criterion=args.criterion,
-                keep_last=args.keep_last,
-                formula=args.formula,
-            )
-        return plan, report, data
+        plan, data = _probed_plan(slm_output_plan, args, loaded, keep_last=args.keep_last)
+        return plan, None, data
     if s == "laco":
         from ..plans import laco_plan
 
-        tokens, data = _calibration(args, loaded)
-        plan = laco_plan(
-            loaded.model,
-            loaded.tokenizer,
-            tokens,
-            args.threshold,
-            m=args.laco_m,
-            interval=args.laco_interval,
-            formula=args.formula,
-            batch_size=args.batch_size,
-            progress=cli_progress("laco"),
-        )
+        plan, data = _probed_plan(laco_plan, args, loaded, m=args.laco_m, interval=args.laco_interval)
         return plan, None, data
-    return make_plan(s, report, ratio=args.ratio, n=args.n, seed=args.seed, num_layers=L), report, data
+    report = _load_report(args, loaded) if _needs_report(args) else None
+    if s == "slm":
+        plan = make_plan(
+            "slm",
+            report,
+            threshold=args.threshold,
+            ratio=args.ratio,
+            criterion=args.criterion,
+            keep_last=args.keep_last,
+            formula=args.formula,
+        )
+    else:
+        plan = make_plan(s, report, ratio=args.ratio, n=args.n, seed=args.seed, num_layers=L)
+    return plan, report, _report_data(report) if report is not None else None
+
+
+def _probed_plan(
+    plan_fn: Any, args: argparse.Namespace, loaded: Any, **options: Any
+) -> tuple[PrunePlan, dict[str, Any]]:
+    """A plan from forward passes on the calibration data (slm --criterion output, laco), and that data."""
+    tokens, data = _calibration(args, loaded)
+    plan = plan_fn(
+        loaded.model,
+        loaded.tokenizer,
+        tokens,
+        args.threshold,
+        formula=args.formula,
+        batch_size=args.batch_size,
+        progress=cli_progress(args.strategy),
+        **options,
+    )
+    return plan, data
 
 
 def format_plan(plan: PrunePlan) -> str:
