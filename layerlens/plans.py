@@ -476,17 +476,21 @@ def slm_plan(
         target = _check_ratio(target_ratio)  # type: ignore[arg-type]
         top = n - 2 if keep_last else n - 1
         values = sorted({sim(j, a) for a in range(1, top + 1) for j in range(a)} - {-math.inf})
-        cands = values + [math.nextafter(values[-1], math.inf)] if values else [1.0]
-        best: tuple[int, float] | None = None
+        # Only thresholds in [-1, 1] can be replayed; above the largest similarity nothing merges.
+        cands: list[float | None] = [v for v in values if -1.0 <= v <= 1.0]
+        if not values or values[-1] < 1.0:
+            cands.append(math.nextafter(values[-1], math.inf) if values else 1.0)
+        best: tuple[int, float | None] | None = None
         for t in cands:  # ascending: the first t reaching a given count is the lowest
             removed = sum(len(g) - 1 for g in _slm_groups(sim, n, t, keep_last))
             if removed / n <= target and (best is None or removed > best[0]):
                 best = (removed, t)
-        assert best is not None  # the highest candidate merges nothing
+        if best is None:  # every valid threshold merges too much (a similarity of exactly 1.0): no merge
+            best = (0, None)
         t = best[1]
         params["target_ratio"] = target
     params["threshold"] = t
-    groups = _slm_groups(sim, n, t, keep_last)
+    groups = _slm_groups(sim, n, t, keep_last) if t is not None else []
     return PrunePlan(
         num_layers=n,
         method="merge",

@@ -307,3 +307,18 @@ def test_plans_are_valid_or_refused(L, idx, groups):
         new = [p.layer_map[i] for i in sorted(kept)]
         assert new == list(range(len(kept)))
         assert PrunePlan.from_json(p.to_json()) == p
+
+
+def test_slm_target_ratio_with_an_identical_pair_records_a_replayable_threshold():
+    """A similarity of exactly 1.0 merges at every valid threshold: 'merge nothing' has no threshold in
+    [-1, 1], so the plan records None instead of an out-of-range 1.0000000000000002."""
+    d = synthetic_report(6).to_dict()
+    d["cka"][3][4] = d["cka"][4][3] = 1.0
+    report = LayerReport.from_dict(d)
+    small = slm_plan(report, target_ratio=0.1)
+    assert small.merge == () and small.params["threshold"] is None
+    for target in (0.2, 0.5):
+        plan = slm_plan(report, target_ratio=target)
+        t = plan.params["threshold"]
+        assert -1.0 <= t <= 1.0 and plan.ratio <= target
+        assert slm_plan(report, threshold=t).merge == plan.merge  # replay gives the same plan
