@@ -3,12 +3,11 @@ the heatmap that motivated it. The URL carries the state (model, data size, stra
 
 from __future__ import annotations
 
-import math
 from urllib.parse import urlencode
 
 import streamlit as st
 
-from layerlens.dashboard_state import params_after, plan_reason, to_query
+from layerlens.dashboard_state import mmlu_comparison, params_after, plan_reason, to_query
 from layerlens.plans import plan_summary
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
 from pages import _ui as ui
@@ -48,18 +47,6 @@ def _frames() -> list:
     return ([saved[1]] if saved else []) + ui.saved_sweeps_for(report)
 
 
-def _mmlu_pair(removed: str) -> tuple[float | None, float | None]:
-    """(MMLU of the pruned plan, MMLU of the original) from one sweep that measured both."""
-    for frame in _frames():
-        ok = frame[frame["mmlu_accuracy"].notna()]
-        after = ok[ok["removed_layers"].fillna("").astype(str) == removed]
-        before = ok[ok["removed_layers"].fillna("").astype(str) == ""]
-        if len(after):
-            return float(after["mmlu_accuracy"].iloc[0]), \
-                (float(before["mmlu_accuracy"].iloc[0]) if len(before) else None)
-    return None, None
-
-
 total = shared.info.num_parameters
 after = params_after(total, shared.per_layer_params, plan)
 c1, c2, c3, c4, c5 = st.columns(5)
@@ -76,10 +63,16 @@ if quick and original and original["tokens_per_s"] > 0:
 else:
     c3.metric("Generation speed", "–")
     c4.metric("Perplexity", "–")
-m_after, m_before = _mmlu_pair(",".join(map(str, plan.removed_layers)))
-if m_after is not None and not math.isnan(m_after):
-    c5.metric("MMLU accuracy", f"{m_after:.1%}",
-              delta=f"{(m_after - m_before) * 100:+.1f} pts (was {m_before:.1%})" if m_before is not None else None)
+mmlu = mmlu_comparison(_frames(), plan.removed_layers)
+if mmlu is not None:
+    se = mmlu.standard_error_pts()
+    if mmlu.meaningful and mmlu.before is not None:
+        c5.metric("MMLU accuracy", f"{mmlu.after:.1%}", delta=mmlu.delta_text(),
+                  help=f"Standard error ±{se:.1f} pts at {mmlu.questions} questions (binomial)")
+    else:  # too few questions (or an unknown count): the value, but no difference presented as a result
+        c5.metric("MMLU accuracy", f"{mmlu.after:.1%}", delta=mmlu.delta_text(), delta_color="off",
+                  delta_arrow="off", help="More MMLU questions per subject on the Evaluate page make this "
+                                          "comparison meaningful" + (f" (now ±{se:.1f} pts)" if se else ""))
 else:
     c5.metric("MMLU accuracy", "–", help="Run a sweep with MMLU on the Evaluate page to fill this in")
 

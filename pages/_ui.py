@@ -591,6 +591,8 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
         slot.empty()
         status.update(label=f"Sweep done: {len(frame)} points in {time.perf_counter() - t0:.0f} s",
                       state="complete", expanded=False)
+    if questions is not None:
+        frame["mmlu_questions"] = len(questions)  # saved with the points: the Summary says what MMLU rests on
     atomic_write_text(_sweep_csv(key), frame.to_csv(index=False))
     atomic_write_json(_sweep_csv(key).with_suffix(".json"), {
         "model_key": list(current_settings().model_key()) if current_settings() else None,

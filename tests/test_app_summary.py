@@ -102,3 +102,22 @@ def test_shared_link_viewer_sees_quality_measured_by_another_session(env):
     viewer.switch_page("pages/6_summary.py").run()
     assert not viewer.exception and not viewer.error
     assert _metrics(viewer)["MMLU accuracy"].endswith("%")
+
+
+def test_summary_mmlu_names_its_question_count_and_calls_tiny_differences_noise(env):
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.switch_page("pages/4_evaluate.py").run()
+    at.multiselect(key="ev_strategies").set_value(["bi"])
+    at.multiselect(key="ev_ratios").set_value([0.0, 0.3])
+    at.number_input(key="ev_windows").set_value(2)
+    at.number_input(key="ev_seq_len").set_value(64)
+    at.multiselect(key="ev_subjects").set_value(["astronomy", "virology", "marketing"])  # 1 each: 3 questions
+    at.run()
+    at.button(key="ev_run").click().run()
+    assert not at.exception and not at.error
+    at.switch_page("pages/6_summary.py").run()
+    assert not at.exception and not at.error
+    mmlu = next(m for m in at.metric if m.label == "MMLU accuracy")
+    assert mmlu.value.endswith("%")
+    assert "on 3 questions" in mmlu.delta and "was " in mmlu.delta
+    assert "too few" in mmlu.delta and "pts" not in mmlu.delta  # no difference presented as a result
