@@ -39,6 +39,9 @@ def add_data_args(p: argparse.ArgumentParser, *, samples: int = 64, seq_len: int
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--cka", dest="cka_estimator", default="minibatch", choices=["minibatch", "exact"],
                    help="CKA estimator: unbiased minibatch HSIC (default) or exact feature-space")
+    g.add_argument("--skip-first", type=int, default=0, metavar="N",
+                   help="leave the first N tokens of every sample out of every metric (e.g. 1 for an "
+                        "attention-sink first token, whose huge norm dominates linear CKA); default 0")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -77,7 +80,7 @@ def capture_config_from_args(args: argparse.Namespace):
     from .metrics import CaptureConfig
 
     return CaptureConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                         cka_estimator=args.cka_estimator, seed=args.seed)
+                         cka_estimator=args.cka_estimator, skip_first=args.skip_first, seed=args.seed)
 
 
 def analyze_from_args(args: argparse.Namespace, loaded: Any):

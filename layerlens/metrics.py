@@ -39,19 +39,29 @@ class Cancelled(LayerLensError):
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """How to run the calibration pass. ``samples`` texts, each truncated to ``seq_len`` tokens."""
+    """How to run the calibration pass. ``samples`` texts, each truncated to ``seq_len`` tokens.
+
+    ``skip_first`` tokens at the start of every sample still run through the model (they are context
+    for the rest) but are left out of every metric: the first token of a model without a BOS often
+    becomes an attention sink whose norm is 10-200x the others', and linear CKA (a variance measure)
+    is then about that one token.
+    """
 
     samples: int = 64
     seq_len: int = 256
     batch_size: int = 8
     cka_estimator: str = "minibatch"
     seed: int = 0
+    skip_first: int = 0
 
     def validate(self) -> None:
         if self.samples < 1:
             raise LayerLensError(f"--samples must be at least 1 (got {self.samples}).")
         if self.batch_size < 1:
             raise LayerLensError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        if self.skip_first < 0 or self.skip_first >= self.seq_len:
+            raise LayerLensError(f"--skip-first must be between 0 and --seq-len - 1 = {self.seq_len - 1} "
+                                 f"(got {self.skip_first}).")
         if self.cka_estimator not in CKA_ESTIMATORS:
             raise LayerLensError(f"Unknown CKA estimator '{self.cka_estimator}'; use minibatch or exact.")
 
@@ -117,11 +127,11 @@ class _Accumulators:
     def _pooled_tokens(self, block: torch.Tensor, keep: torch.Tensor, n_tok: int) -> torch.Tensor:
         """(S, N, D) float32 states of the non-pad tokens: a view of ``block`` when nothing is dropped."""
         s, b, w, d = block.shape
-        if n_tok == b * w and block.dtype == torch.float32:
-            return block.reshape(s, n_tok, d)
+        if n_tok == b * w and block.dtype == torch.float32 and block.is_contiguous():
+            return block.view(s, n_tok, d)
         tokens = self._buffer("tokens", (s, n_tok, d), block.device)
         if n_tok == b * w:
-            tokens.copy_(block.reshape(s, n_tok, d))
+            tokens.view(s, b, w, d).copy_(block)
         else:
             idx = keep.reshape(-1).nonzero().squeeze(1)
             for i in range(s):
@@ -130,7 +140,6 @@ class _Accumulators:
 
     def update(self, states: torch.Tensor | Sequence[torch.Tensor], mask: torch.Tensor) -> None:
         block = states if isinstance(states, torch.Tensor) else torch.stack(list(states))
-        block = block.contiguous()
         s, b, w, d = block.shape
         keep = mask.bool()
         lengths = keep.sum(dim=1).tolist()
@@ -189,6 +198,9 @@ class _Accumulators:
         return hsic / torch.sqrt(torch.outer(diag, diag))
 
     def finish(self) -> dict[str, Any]:
+        if self.tokens == 0:
+            raise LayerLensError("No tokens were left to measure (texts shorter than --skip-first?); use "
+                                 "longer texts or a smaller --skip-first.")
         cosine = (self.cos_sum / self.tokens).clamp(-1.0, 1.0)
         num_layers = self.s - 1
         bi = [1.0 - float(cosine[i, i + 1]) for i in range(num_layers)]
@@ -233,7 +245,8 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
                 raise ResourceError(f"Out of memory on {device} at batch size {config.batch_size} and "
                                     f"seq-len {config.seq_len}; lower --batch-size or --seq-len, or use "
                                     "--dtype bfloat16.") from exc
-            acc.update(capture.take(), batch.attention_mask)
+            skip = config.skip_first  # a slice: samples without padding keep the fast, padding-free path
+            acc.update(capture.take()[:, :, skip:], batch.attention_mask[:, skip:])
             if progress is not None:
                 progress(step + 1, total, f"batch {step + 1}/{total}")
     fields = acc.finish()
@@ -241,6 +254,7 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
     info.update(data=texts.source, data_description=texts.description, samples=len(token_lists),
                 seq_len=config.seq_len, batch_size=config.batch_size, tokens=acc.tokens, seed=config.seed,
                 cka_minibatches=acc.cka_minibatches if config.cka_estimator == "minibatch" else None,
+                skip_first=config.skip_first,
                 seconds=round(time.perf_counter() - started, 3))
     info.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
     info.setdefault("device", str(device))

@@ -228,3 +228,30 @@ def test_capture_reuses_one_block_and_detects_a_missing_layer(tiny_llama):
         assert cap.take().data_ptr() == ptr
         with pytest.raises(RuntimeError, match="did not run"):
             cap.take()  # nothing ran since the last take
+
+
+def test_skip_first_leaves_those_tokens_out_of_every_metric(tiny_llama, texts):
+    """skip_first=N equals the slow reference over each sample's tokens from position N on (the skipped
+    tokens still run through the model as context); both CKA estimators; padded batches too."""
+    lm = load_model(str(tiny_llama), device="cpu")
+    cfg = CaptureConfig(samples=6, seq_len=48, batch_size=3, skip_first=2)
+    ref = slow_metrics([x[:, 2:] for x in reference_states(lm.model, lm.tokenizer, texts, cfg)])
+    rep = analyze(lm.model, lm.tokenizer, texts, cfg)
+    assert rep.meta["tokens"] == ref["tokens"] and rep.meta["skip_first"] == 2
+    np.testing.assert_allclose(rep.array("cosine"), ref["cosine"], atol=2e-5)
+    np.testing.assert_allclose(rep.magnitude, ref["magnitude"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rep.array("cka"), ref["cka_minibatch"], atol=1e-4)
+    exact = analyze(lm.model, lm.tokenizer, texts, CaptureConfig(**{**cfg.__dict__, "cka_estimator": "exact"}))
+    np.testing.assert_allclose(exact.array("cka"), ref["cka_exact"], atol=1e-4)
+    padded = analyze(lm.model, lm.tokenizer, texts, CaptureConfig(samples=8, seq_len=256, batch_size=4,
+                                                                  skip_first=1))
+    single = analyze(lm.model, lm.tokenizer, texts, CaptureConfig(samples=8, seq_len=256, batch_size=1,
+                                                                  skip_first=1))
+    assert padded.meta["tokens"] == single.meta["tokens"]
+    np.testing.assert_allclose(padded.array("cka"), single.array("cka"), atol=2e-5)
+
+
+@pytest.mark.parametrize("skip", [-1, 48])
+def test_skip_first_out_of_range_is_refused(skip):
+    with pytest.raises(Exception, match="--skip-first"):
+        CaptureConfig(seq_len=48, skip_first=skip).validate()
