@@ -41,6 +41,14 @@ def read_utf8(path: Path) -> str:
         raise DataError(f"'{path}' is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8.") from exc
 
 
+def read_json(path: Path) -> Any:
+    """A UTF-8 JSON file's contents; invalid JSON is refused naming the line."""
+    try:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"'{path}' is not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
+
+
 def split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
@@ -64,10 +72,7 @@ def _read_file(path: Path, field: str) -> list[str]:
             raise DataError(f"'{path}' line {exc.lineno} is not valid JSON; fix or remove it.") from exc
         return _texts_from_records(records, str(path), field)
     if suffix == ".json":
-        try:
-            obj = json.loads(read_utf8(path))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"'{path}' is not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
+        obj = read_json(path)
         if isinstance(obj, dict):
             obj = obj.get("data", obj.get("texts", [obj]))
         if not isinstance(obj, list) or not all(isinstance(x, (str, dict)) for x in obj):

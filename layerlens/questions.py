@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import read_utf8
+from .data import read_json, read_utf8
 from .errors import DataError
 
 LETTERS = ("A", "B", "C", "D")
@@ -212,10 +212,7 @@ def _read_file(path: Path) -> list[Question]:
                 raise DataError(f"{path} line {i} is not valid JSON ({exc.msg}); fix or remove it.") from exc
         return [question_from_record(r, f"{path} line {i}") for i, r in records]
     if suffix == ".json":
-        try:
-            obj = json.loads(read_utf8(path))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"'{path}' is not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
+        obj = read_json(path)
         if isinstance(obj, dict):
             obj = obj.get("questions", obj.get("data", [obj]))
         return questions_from_records(obj, str(path))
