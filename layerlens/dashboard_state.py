@@ -443,6 +443,73 @@ def current_marker(frame: Any, plan: Any, metric: str) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# An interrupted sweep (Evaluate page)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _NotFinished(Exception):
+    """A read-back would have to compute a point."""
+
+
+def _refuse_forward(_module: Any, _args: Any) -> None:
+    raise _NotFinished
+
+
+def finished_sweep_points(model: Any, tokenizer: Any, report: Any, plans: Sequence[tuple[str, float, Any]],
+                          finished: set[str] | frozenset[str], *, ppl_texts: Any = None, questions: Any = None,
+                          **sweep_kwargs: Any) -> Any | None:
+    """The rows of an interrupted :func:`layerlens.sweep.sweep` over ``plans`` whose evaluations finished,
+    read back from the persisted points without computing anything (``None``: nothing finished).
+
+    ``finished``: the labels the sweep passed to its ``progress`` callback, one per finished (distinct model
+    change, evaluation) unit: ``"<task kind> <plan.describe()>"`` of the first plan in ``plans`` making that
+    change. ``ppl_texts``, ``questions`` and ``sweep_kwargs`` (seq_len, max_windows, runs_dir, model_id)
+    must be the interrupted sweep's, so the same points are found. A plan whose perplexity finished but not
+    its MMLU gets a row with NaN MMLU, and the other way round. Every decoder layer of the private view
+    swept here refuses to run, so a wrong label costs nothing but the row (the read-back then returns None).
+    """
+    import pandas as pd
+
+    from .adapters import decoder_layers
+    from .evaluation import MMLUTask, PerplexityTask
+    from .runs import stable_key
+    from .surgery import private_view
+    from .sweep import COLUMNS, effective_plan, sweep
+
+    first: dict[str, Any] = {}
+    for _, _, plan in plans:
+        first.setdefault(stable_key(effective_plan(plan)), plan)
+
+    def done(plan: Any, kind: str) -> bool:
+        return f"{kind} {first[stable_key(effective_plan(plan))].describe()}" in finished
+
+    view = private_view(model)
+    for layer in decoder_layers(view):
+        layer.register_forward_pre_hook(_refuse_forward)
+    rows: dict[int, dict[str, Any]] = {}
+    try:
+        for kind, data, columns in ((PerplexityTask.kind, dict(ppl_texts=ppl_texts), ("perplexity",)),
+                                    (MMLUTask.kind, dict(questions=questions), ("mmlu_accuracy", "mmlu_prob_correct"))):
+            if next(iter(data.values())) is None:
+                continue
+            index = [i for i, (_, _, plan) in enumerate(plans) if done(plan, kind)]
+            if not index:
+                continue
+            frame = sweep(view, tokenizer, report, plans=[plans[i] for i in index], **data, **sweep_kwargs)
+            for i, record in zip(index, frame.to_dict("records"), strict=True):
+                if i in rows:
+                    rows[i].update({c: record[c] for c in columns})
+                    rows[i]["seconds"] += record["seconds"]
+                else:
+                    rows[i] = record
+    except _NotFinished:
+        return None
+    if not rows:
+        return None
+    return pd.DataFrame([rows[i] for i in sorted(rows)], columns=list(COLUMNS))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # MMLU on the Summary page
 # ----------------------------------------------------------------------------------------------------------
 
@@ -506,7 +573,7 @@ def mmlu_comparison(frames: Sequence[Any], removed_layers: Sequence[int]) -> MML
 
 __all__ = [
     "AnalysisSettings", "PlanSettings", "build_plan", "current_marker", "MMLUComparison", "MIN_MMLU_QUESTIONS",
-    "mmlu_comparison", "check_upload", "confine_path", "data_root",
+    "mmlu_comparison", "finished_sweep_points", "check_upload", "confine_path", "data_root",
     "default_model_spec", "from_query", "params_after", "parse_layers", "plan_reason", "to_query",
     "metrics_frame", "matrix_csv", "safe_name", "save_pruned_model", "zip_folder", "MAX_UPLOAD_MB", "PRUNE_STRATEGIES", "STRATEGY_LABELS", "PLAN_MODES", "PLAN_MODE_LABELS",
 ]

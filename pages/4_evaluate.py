@@ -53,9 +53,7 @@ with st.container(border=True):
     b2.caption("Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep again "
                "resumes where it stopped.")
 
-if ss.pop("ll_sweep_stopped", False):
-    st.warning("Sweep stopped. Every finished point is saved: press **Run sweep** with the same settings to "
-               "resume from them.", icon=":material/stop_circle:")
+stopped = ss.pop("ll_sweep_stopped", False)
 plan = ui.current_plan(report)
 settings = ui.current_settings()
 sweep_key = ui.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
@@ -74,6 +72,10 @@ if run:
 
 saved = ss.get(ui.SS_SWEEP)
 frame = saved[1] if saved and saved[0] == sweep_key else ui.load_saved_sweep(sweep_key)
+if stopped:  # run_sweep put the points that finished before the Stop into SS_SWEEP
+    st.warning("Sweep stopped. " + (f"The {len(frame)} point(s) that finished are shown below; all finished "
+                                    "points are saved" if frame is not None else "Finished points are saved")
+               + ": press **Run sweep** with the same settings to compute the rest.", icon=":material/stop_circle:")
 if frame is None and saved:
     frame = saved[1]
     st.caption("Showing the last sweep of this session (its settings differ from the ones above).")
@@ -98,8 +100,10 @@ with f2:
     else:
         st.info("MMLU was not part of this sweep.")
 n_cached = int(frame["cached"].sum()) if "cached" in frame else 0
+partial = (" · **a stopped sweep**: only the finished evaluations are shown; Run sweep computes the rest"
+           if frame.attrs.get("stopped") else "")
 st.caption(f"{len(frame)} points ({n_cached} read back from earlier runs) · perplexity on held-out plays "
-           "(lower is better) · MMLU chance level is 25%.")
+           f"(lower is better) · MMLU chance level is 25%{partial}.")
 show = frame.copy()
 show["ratio"] = (100 * show["ratio"]).round(1)
 st.dataframe(show[["strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy", "seconds",

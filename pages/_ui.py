@@ -57,6 +57,7 @@ SS_AUTO = "ll_auto_started"
 SS_INIT = "ll_init"
 SS_CANCELLED = "ll_cancelled"
 SS_SWEEP = "ll_sweep_frame"
+SS_SWEEP_FINISHED = "ll_sweep_finished"  # {sweep key: progress labels of finished points} for a stopped sweep
 
 
 def init_session() -> None:
@@ -555,7 +556,14 @@ def _request_stop() -> None:
 
 def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *, windows: int, seq_len: int,
               mmlu_per_subject: int, current_plan: Any, key: str, subjects: Any = ()) -> Any:
-    """Run (or resume) a sweep with a per-point progress bar and a Stop button; persist the frame."""
+    """Run (or resume) a sweep with a per-point progress bar and a Stop button; persist the frame.
+
+    Stop (Streamlit interrupts the script at the next progress update) or an error leaves the finished points
+    on disk; before the interruption goes on, they are read back into ``SS_SWEEP`` under ``key``, so the
+    page shows them at once. Which points finished is known from the progress labels of this session's runs
+    of ``key`` (:func:`layerlens.dashboard_state.finished_sweep_points`).
+    """
+    from layerlens.dashboard_state import finished_sweep_points
     from layerlens.data import load_texts
     from layerlens.runs import atomic_write_json, atomic_write_text, default_runs_dir
     from layerlens.sweep import make_plans, sweep
@@ -580,14 +588,31 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
                    help="Stop now; finished points stay saved and Run sweep resumes from them.")
         t0 = time.perf_counter()
 
+        finished = ss.setdefault(SS_SWEEP_FINISHED, {}).setdefault(key, set())
+
         def progress(done: int, total: int, label: str) -> None:
+            finished.add(label)  # first: the progress bar below is where a Stop click interrupts the script
             bar.progress(min(done / max(total, 1), 1.0),
                          text=f"{done}/{total} evaluations · {label[:90]} · {time.perf_counter() - t0:.0f} s")
 
+        same = dict(ppl_texts=ppl_texts, questions=questions, seq_len=seq_len, max_windows=windows,
+                    runs_dir=default_runs_dir(), model_id=shared.info.to_dict())
         with model_lock(shared, status):
-            frame = sweep(shared.model, shared.tokenizer, report, plans=plans, ppl_texts=ppl_texts,
-                          questions=questions, seq_len=seq_len, max_windows=windows,
-                          runs_dir=default_runs_dir(), model_id=shared.info.to_dict(), progress=progress)
+            try:
+                frame = sweep(shared.model, shared.tokenizer, report, plans=plans, progress=progress, **same)
+            except BaseException:  # Stop (a Streamlit control exception), another widget, or an error
+                partial = None
+                try:
+                    partial = finished_sweep_points(shared.model, shared.tokenizer, report, plans, finished, **same)
+                except Exception:  # noqa: BLE001 - never hide the interruption behind a read-back problem
+                    log.warning("could not read back the finished sweep points:\n%s", traceback.format_exc())
+                if partial is not None:
+                    partial.attrs["stopped"] = True  # the page says it is incomplete
+                    if questions is not None:
+                        partial["mmlu_questions"] = len(questions)
+                    ss[SS_SWEEP] = (key, partial)
+                raise
+        ss[SS_SWEEP_FINISHED].pop(key, None)
         slot.empty()
         status.update(label=f"Sweep done: {len(frame)} points in {time.perf_counter() - t0:.0f} s",
                       state="complete", expanded=False)

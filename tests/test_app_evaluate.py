@@ -79,3 +79,53 @@ def test_sweep_resumes_from_persisted_points(env):
     assert at.dataframe[0].value["cached"].all()
     assert list(at.dataframe[0].value["perplexity"]) == list(first["perplexity"])
     assert any("MMLU was not part" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("stop_after", [3, 7])  # 5 perplexity evaluations (distinct plans), then 5 MMLU
+def test_stopped_sweep_shows_its_finished_points_at_once(env, monkeypatch, stop_after):
+    """Stop during a sweep: the rerun the click causes shows the points that finished, without Run sweep."""
+    import importlib
+
+    from streamlit.runtime.scriptrunner import StopException
+
+    sweep_module = importlib.import_module("layerlens.sweep")  # `layerlens.sweep` the attribute is the function
+    real_sweep, interrupts = sweep_module.sweep, [1]
+
+    def sweep_stopped(*args, progress=None, **kwargs):
+        if progress is None or not interrupts:
+            return real_sweep(*args, progress=progress, **kwargs)
+        interrupts.pop()
+
+        def progress_then_stop(done, total, label):
+            progress(done, total, label)
+            if done == stop_after:  # Streamlit raises at the progress bar's update once Stop is clicked
+                raise StopException()
+
+        return real_sweep(*args, progress=progress_then_stop, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "sweep", sweep_stopped)
+    at = _open()
+    at.run()
+    _small(at, mmlu=True)
+    at.button(key="ev_run").click().run()  # interrupted after `stop_after` of 10 evaluations
+    assert not interrupts and not at.exception
+    at.session_state["ll_sweep_stopped"] = True  # the Stop button's on_click, then the rerun it causes
+    at.run()
+    assert not at.exception and not at.error
+    assert not any("No sweep for these settings" in i.value for i in at.info)
+    stopped = at.dataframe[0].value
+    assert any("Sweep stopped" in w.value and "shown below" in w.value for w in at.warning)
+    assert stopped["cached"].all() and stopped["perplexity"].notna().all()  # perplexity runs first
+    if stop_after == 3:
+        assert 0 < len(stopped) < 7 and stopped["mmlu_accuracy"].isna().all()
+    else:  # every perplexity and 2 MMLU evaluations: all points, MMLU on some
+        assert len(stopped) == 7 and 0 < stopped["mmlu_accuracy"].notna().sum() < 7
+    assert len(at.get("plotly_chart")) >= 1
+    assert any("a stopped sweep" in c.value for c in at.caption)
+
+    at.button(key="ev_run").click().run()  # resume: the rest is computed, the finished points read back
+    full = at.dataframe[0].value
+    assert len(full) == 7 and full["perplexity"].notna().all() and full["mmlu_accuracy"].notna().all()
+    merged = stopped.merge(full, on=["strategy", "ratio (%)"], suffixes=("_stopped", ""))
+    assert len(merged) == len(stopped)
+    assert list(merged["perplexity_stopped"]) == list(merged["perplexity"])
