@@ -21,6 +21,8 @@ import functools
 import logging
 import os
 import shutil
+import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -411,14 +413,38 @@ def png_available() -> bool:
     return importlib.util.find_spec("kaleido") is not None and bool(os.environ.get("BROWSER_PATH"))
 
 
+_PNG_LOCK = threading.Lock()
+_png_server_started = False
+
+
+def _start_png_server() -> None:
+    """One kaleido browser for the whole process: without it every figure starts (and stops) its own
+    Chromium, 2-6 s each. Kaleido's server answers callers in queue order and is not safe for two at
+    once, so callers hold :data:`_PNG_LOCK` (dashboard sessions export from several threads)."""
+    global _png_server_started
+    if not _png_server_started:
+        import atexit
+
+        import kaleido
+
+        kaleido.start_sync_server(silence_warnings=True)
+        atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+        _png_server_started = True
+
+
 def figure_png_bytes(fig: go.Figure, width: int = 1100, height: int = 650, scale: float = 2.0) -> bytes | None:
     """The figure as PNG bytes via kaleido, or ``None`` (and a logged hint) when it cannot be rendered."""
     _chromium_for_kaleido()
-    try:
-        return fig.to_image(format="png", width=width, height=height, scale=scale)
-    except Exception as exc:  # kaleido missing, no Chrome, sandbox problems: all mean "no PNG"
-        log.warning("%s (%s: %s)", PNG_HINT, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return None
+    with _PNG_LOCK:
+        try:
+            _start_png_server()
+            with warnings.catch_warnings():  # plotly passes kaleido options the server already has
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                return fig.to_image(format="png", width=width, height=height, scale=scale)
+        except Exception as exc:  # kaleido missing, no Chrome, sandbox problems: all mean "no PNG"
+            log.warning("%s (%s: %s)", PNG_HINT, type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            return None
 
 
 def save_figure(fig: go.Figure, path: str | Path, png: bool = True, width: int = 1100,

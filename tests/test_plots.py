@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
+import plotly.graph_objects as go
 import pytest
 
+import layerlens.plots as plots
 from layerlens.plots import save_figure, sweep_figure
 
 
@@ -182,3 +184,26 @@ def test_builders_do_not_share_mutable_state():
     a, b = layer_strip([{"layer": 0, "status": "kept"}]), layer_strip([{"layer": 0, "status": "kept"}])
     a.layout.template.layout.font.size = 40
     assert b.layout.template.layout.font.size != 40
+
+
+@pytest.mark.skipif(not plots.png_available(), reason="needs kaleido and a Chromium")
+def test_png_export_from_several_threads_gets_each_its_own_figure():
+    """One kaleido browser serves the process; callers from several threads (dashboard sessions) must
+    each get their own figure's PNG, byte-identical to a serial render."""
+    import hashlib
+    import threading
+
+    figs = [go.Figure(go.Bar(y=[i, 2, 3]), layout=dict(title=f"figure {i}")) for i in range(4)]
+
+    def digest(fig):
+        return hashlib.sha256(plots.figure_png_bytes(fig, width=300, height=200, scale=1)).hexdigest()
+
+    serial = [digest(f) for f in figs]
+    assert len(set(serial)) == 4
+    threaded: list[str | None] = [None] * 4
+    workers = [threading.Thread(target=lambda i=i: threaded.__setitem__(i, digest(figs[i]))) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert threaded == serial
