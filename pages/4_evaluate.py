@@ -70,12 +70,17 @@ if run:
                                  current_plan=plan if include_current else None, key=sweep_key)
             ss[ui.SS_SWEEP] = (sweep_key, frame)
 
+# A sweep stopped (Stop, any other widget) or failed: take the points it read back. After a click the
+# stopped run may still be finishing while this one already runs; this waits for it.
+still_busy = not ui.collect_stopped_sweep(sweep_key)
 saved = ss.get(ui.SS_SWEEP)
 frame = saved[1] if saved and saved[0] == sweep_key else ui.load_saved_sweep(sweep_key)
-if stopped:  # run_sweep put the points that finished before the Stop into SS_SWEEP
+if stopped:
     st.warning("Sweep stopped. " + (f"The {len(frame)} point(s) that finished are shown below; all finished "
                                     "points are saved" if frame is not None else "Finished points are saved")
-               + ": press **Run sweep** with the same settings to compute the rest.", icon=":material/stop_circle:")
+               + ": press **Run sweep** with the same settings to compute the rest."
+               + (" (The evaluation in progress is still finishing.)" if still_busy else ""),
+               icon=":material/stop_circle:")
 if frame is None and saved:
     frame = saved[1]
     st.caption("Showing the last sweep of this session (its settings differ from the ones above).")
@@ -97,13 +102,14 @@ with f1:
 with f2:
     if frame["mmlu_accuracy"].notna().any():
         ui.chart(sweep_figure(curves, "mmlu_accuracy", current=_current("mmlu_accuracy")), key="ev_mmlu_fig")
+    elif frame.attrs.get("stopped") and use_mmlu:
+        st.info("No MMLU evaluation finished before the Stop (perplexity runs first).")
     else:
         st.info("MMLU was not part of this sweep.")
 n_cached = int(frame["cached"].sum()) if "cached" in frame else 0
-partial = (" · **a stopped sweep**: only the finished evaluations are shown; Run sweep computes the rest"
-           if frame.attrs.get("stopped") else "")
-st.caption(f"{len(frame)} points ({n_cached} read back from earlier runs) · perplexity on held-out plays "
-           f"(lower is better) · MMLU chance level is 25%{partial}.")
+head = (f"{len(frame)} points · **a stopped sweep**: only the finished evaluations are shown, Run sweep computes "
+        "the rest" if frame.attrs.get("stopped") else f"{len(frame)} points ({n_cached} read back from earlier runs)")
+st.caption(f"{head} · perplexity on held-out plays (lower is better) · MMLU chance level is 25%.")
 show = frame.copy()
 show["ratio"] = (100 * show["ratio"]).round(1)
 st.dataframe(show[["strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy", "seconds",

@@ -58,6 +58,8 @@ SS_INIT = "ll_init"
 SS_CANCELLED = "ll_cancelled"
 SS_SWEEP = "ll_sweep_frame"
 SS_SWEEP_FINISHED = "ll_sweep_finished"  # {sweep key: progress labels of finished points} for a stopped sweep
+SS_SWEEP_RUNNING = "ll_sweep_running"  # threading.Event, set once run_sweep's script run has fully ended
+SS_SWEEP_PARTIAL = "ll_sweep_partial"  # {sweep key: finished points of a stopped sweep}, see run_sweep
 
 
 def init_session() -> None:
@@ -558,11 +560,41 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
               mmlu_per_subject: int, current_plan: Any, key: str, subjects: Any = ()) -> Any:
     """Run (or resume) a sweep with a per-point progress bar and a Stop button; persist the frame.
 
-    Stop (Streamlit interrupts the script at the next progress update) or an error leaves the finished points
-    on disk; before the interruption goes on, they are read back into ``SS_SWEEP`` under ``key``, so the
-    page shows them at once. Which points finished is known from the progress labels of this session's runs
-    of ``key`` (:func:`layerlens.dashboard_state.finished_sweep_points`).
+    Stop (Streamlit stops this script run at the next progress update) or an error leaves the finished
+    points on disk; before the interruption goes on, they are read back (which points finished is known
+    from the progress labels of this session's runs of ``key``:
+    :func:`layerlens.dashboard_state.finished_sweep_points`). A stopped run can no longer touch
+    ``st.session_state`` (every access raises StopException again), so they go into a plain dict held
+    there, and with ``runner.fastReruns`` the run the Stop click starts is already going meanwhile: it calls
+    :func:`collect_stopped_sweep`, which waits for this run to end and moves them into ``SS_SWEEP``.
     """
+    running = threading.Event()
+    st.session_state[SS_SWEEP_RUNNING] = running
+    try:
+        return _sweep_with_progress(shared, report, strategies, ratios, windows=windows, seq_len=seq_len,
+                                    mmlu_per_subject=mmlu_per_subject, current_plan=current_plan, key=key,
+                                    subjects=subjects)
+    finally:
+        running.set()
+
+
+def collect_stopped_sweep(key: str, timeout: float = 600.0) -> bool:
+    """After a Stop: wait (with a spinner) until the stopped sweep's run has ended, then put the points it
+    read back for ``key`` into ``SS_SWEEP``. False if it is still busy after ``timeout`` seconds."""
+    ss = st.session_state
+    running = ss.get(SS_SWEEP_RUNNING)
+    if running is not None and not running.is_set():
+        with st.spinner("Stopping the sweep: finishing the evaluation in progress and reading back the points…"):
+            if not running.wait(timeout):
+                return False
+    partial = ss.get(SS_SWEEP_PARTIAL, {}).pop(key, None)
+    if partial is not None:
+        ss[SS_SWEEP] = (key, partial)
+    return True
+
+
+def _sweep_with_progress(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *, windows: int,
+                         seq_len: int, mmlu_per_subject: int, current_plan: Any, key: str, subjects: Any) -> Any:
     from layerlens.dashboard_state import finished_sweep_points
     from layerlens.data import load_texts
     from layerlens.runs import atomic_write_json, atomic_write_text, default_runs_dir
@@ -589,6 +621,7 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
         t0 = time.perf_counter()
 
         finished = ss.setdefault(SS_SWEEP_FINISHED, {}).setdefault(key, set())
+        partials = ss.setdefault(SS_SWEEP_PARTIAL, {})  # written after a Stop, when ss no longer can be
 
         def progress(done: int, total: int, label: str) -> None:
             finished.add(label)  # first: the progress bar below is where a Stop click interrupts the script
@@ -600,7 +633,7 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
         with model_lock(shared, status):
             try:
                 frame = sweep(shared.model, shared.tokenizer, report, plans=plans, progress=progress, **same)
-            except BaseException:  # Stop (a Streamlit control exception), another widget, or an error
+            except BaseException:  # Stop (Streamlit's StopException), another widget, or an error
                 partial = None
                 try:
                     partial = finished_sweep_points(shared.model, shared.tokenizer, report, plans, finished, **same)
@@ -610,7 +643,7 @@ def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *,
                     partial.attrs["stopped"] = True  # the page says it is incomplete
                     if questions is not None:
                         partial["mmlu_questions"] = len(questions)
-                    ss[SS_SWEEP] = (key, partial)
+                    partials[key] = partial
                 raise
         ss[SS_SWEEP_FINISHED].pop(key, None)
         slot.empty()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -307,6 +308,29 @@ def test_cancel_keeps_earlier_results(server, pages):
     expect(page.get_by_text("Model card")).to_be_visible()  # the earlier report stays on screen
     assert metric(page, "Decoder layers") == "30"
     shoot(page, "08_cancelled")
+
+
+def test_sweep_stop_shows_the_finished_points(server, pages):
+    page = pages()
+    page.goto(server)
+    page.get_by_text("Model card").wait_for(timeout=300_000)
+    idle(page)
+    nav(page, "Evaluate")
+    page.locator(".st-key-ev_seq_len input").fill("192")  # settings no other test sweeps: nothing saved yet
+    page.locator(".st-key-ev_seq_len input").press("Enter")
+    idle(page)
+    run = page.get_by_role("button", name="Run sweep")
+    expect(run).to_have_count(1, timeout=60_000)  # not the stale copy of a rerun in flight
+    run.click()
+    page.get_by_text(re.compile(r"\b[3-9]/\d+ evaluations")).first.wait_for(timeout=600_000)
+    page.get_by_role("button", name="Stop").click()
+    page.get_by_text("Sweep stopped").wait_for(timeout=120_000)
+    idle(page)
+    expect(page.get_by_text("shown below").first).to_be_visible()
+    expect(page.get_by_text("Perplexity vs. pruning ratio").first).to_be_visible()
+    expect(page.get_by_text("a stopped sweep").first).to_be_visible()
+    expect(page.get_by_text("MMLU was not part of this sweep")).to_have_count(0)  # it was; none finished
+    shoot(page, "10_sweep_stopped")
 
 
 def test_uploads_are_checked_and_private(server, pages, tmp_path):
