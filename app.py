@@ -20,15 +20,22 @@ from pages import _ui as ui  # noqa: E402
 st.set_page_config(page_title="LayerLens", page_icon=":material/biotech:", layout="wide")
 ui.init_session()
 
-PAGES = [
-    st.Page("pages/1_model_data.py", title="Model & data", icon=":material/deployed_code:", default=True),
-    st.Page("pages/2_redundancy.py", title="Redundancy", icon=":material/grid_on:"),
-    st.Page("pages/3_prune.py", title="Prune", icon=":material/content_cut:"),
-    st.Page("pages/4_evaluate.py", title="Evaluate", icon=":material/show_chart:"),
-    st.Page("pages/5_export.py", title="Export", icon=":material/save:"),
-    st.Page("pages/6_summary.py", title="Summary", icon=":material/summarize:"),
-]
-page = st.navigation(PAGES)
+PAGE_FILES = {
+    "1_model_data.py": ("Model & data", ":material/deployed_code:"),
+    "2_redundancy.py": ("Redundancy", ":material/grid_on:"),
+    "3_prune.py": ("Prune", ":material/content_cut:"),
+    "4_evaluate.py": ("Evaluate", ":material/show_chart:"),
+    "5_export.py": ("Export", ":material/save:"),
+    "6_summary.py": ("Summary", ":material/summarize:"),
+}
+PAGES = {name: st.Page(f"pages/{name}", title=title, icon=icon, default=name == "1_model_data.py")
+         for name, (title, icon) in PAGE_FILES.items()}
+page = st.navigation(list(PAGES.values()))
+route = st.query_params.get(ui.ROUTE_PARAM)
+if route is not None:  # a deep link that Streamlit first ran without the router (ui.require_router)
+    del st.query_params[ui.ROUTE_PARAM]
+    if route in PAGES and PAGES[route] is not page:
+        st.switch_page(PAGES[route], query_params={k: st.query_params.get(k) for k in st.query_params})
 try:
     page.run()
 finally:  # also when a page stops early: the URL and sidebar always reflect the session's state

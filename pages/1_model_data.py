@@ -17,6 +17,8 @@ from layerlens.defaults import DEFAULT_MODEL_ID, DEFAULT_MODEL_LABEL
 from layerlens.plots import bi_bar, similarity_heatmap
 from pages import _ui as ui
 
+ui.require_router(__file__)
+
 st.title("Model & data")
 st.caption("Load a causal LM, run calibration text through it once, and measure how much each layer changes "
            "the residual stream. Layer indices are 0-based everywhere, as in the `layerlens` CLI.")

@@ -10,6 +10,8 @@ import streamlit as st
 from layerlens.plots import bi_bar, merge_groups, similarity_heatmap
 from pages import _ui as ui
 
+ui.require_router(__file__)
+
 st.title("Redundancy")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))

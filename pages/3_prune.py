@@ -20,6 +20,8 @@ from layerlens.dashboard_state import (
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
 from pages import _ui as ui
 
+ui.require_router(__file__)
+
 st.title("Prune")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))

@@ -12,6 +12,8 @@ from layerlens.dashboard_state import STRATEGY_LABELS, current_marker
 from layerlens.plots import sweep_figure
 from pages import _ui as ui
 
+ui.require_router(__file__)
+
 st.title("Evaluate")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))

@@ -29,6 +29,8 @@ from layerlens.plots import (
 )
 from pages import _ui as ui
 
+ui.require_router(__file__)
+
 st.title("Export")
 report = ui.need_report_or_stop()
 st.caption(ui.report_caption(report))

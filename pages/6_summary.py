@@ -12,6 +12,8 @@ from layerlens.plans import plan_summary
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
 from pages import _ui as ui
 
+ui.require_router(__file__)
+
 ss = st.session_state
 report = ui.need_report_or_stop()
 info = ss.get(ui.SS_MODEL_INFO) or {}

@@ -62,6 +62,20 @@ SS_SWEEP_RUNNING = "ll_sweep_running"  # threading.Event, set once run_sweep's s
 SS_SWEEP_PARTIAL = "ll_sweep_partial"  # {sweep key: finished points of a stopped sweep}, see run_sweep
 
 
+ROUTE_PARAM = "page"
+
+
+def require_router(page_file: str) -> None:
+    """Pages run through app.py only. On a fresh server Streamlit can run a ``pages/`` file directly for
+    the first deep link (its older pages-folder mode: no router, no session set-up, an automatic page
+    list): send such a run through app.py, keeping the link's parameters and naming the page to open."""
+    if st.session_state.get(SS_INIT):
+        return
+    params = {k: st.query_params.get(k) for k in st.query_params}
+    params[ROUTE_PARAM] = Path(page_file).name
+    st.switch_page("app.py", query_params=params)
+
+
 def init_session() -> None:
     """Once per session: read a share link's query parameters into the session's settings."""
     ss = st.session_state

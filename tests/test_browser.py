@@ -41,10 +41,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real dashboard server with a fresh runs folder (so the first analysis really runs)."""
-    tmp = tmp_path_factory.mktemp("browser")
+@contextlib.contextmanager
+def running_server(tmp: Path):
+    """`streamlit run app.py` on a free port with a fresh runs folder; yields its URL, stops it after."""
     port = _free_port()
     env = dict(os.environ, LAYERLENS_RUNS=str(tmp / "runs"), LAYERLENS_DATA_ROOT=str(tmp), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -66,16 +65,25 @@ def server(tmp_path_factory):
     else:
         proc.terminate()
         pytest.fail("streamlit did not become healthy:\n" + (tmp / "server.log").read_text()[-3000:])
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
     text = (tmp / "server.log").read_text()
-    shutil.copy(tmp / "server.log", ARTIFACTS / "server.log") if ARTIFACTS.exists() else None
+    shutil.copy(tmp / "server.log", ARTIFACTS / f"server-{tmp.name}.log") if ARTIFACTS.exists() else None
     assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real dashboard server with a fresh runs folder (so the first analysis really runs)."""
+    with running_server(tmp_path_factory.mktemp("browser")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +376,20 @@ def test_uploads_are_checked_and_private(server, pages, tmp_path):
     idle(b)
     expect(b.get_by_text("of default:calibration").first).to_be_visible()
     assert b.get_by_text("my_notes.txt").count() == 0
+
+
+def test_share_link_opened_first_on_a_fresh_server_goes_through_the_router(browser, tmp_path):
+    """On a fresh server Streamlit runs a deep link's page file without app.py (its pages-folder mode:
+    automatic page list with a 'ui' entry, no share-link settings); the page must hand the run to the
+    router, which opens the linked page with the link's settings."""
+    with running_server(tmp_path) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{url}/summary?strategy=bi&ratio=0.2")
+        idle(page)
+        nav = page.get_by_test_id("stSidebarNav")
+        expect(nav.get_by_role("link", name="Model & data")).to_be_visible(timeout=60_000)
+        expect(nav.get_by_role("link", name="ui")).to_have_count(0)
+        expect(page.locator("h1").first).to_contain_text("24 of 30 layers kept", timeout=300_000)  # ratio 0.2
+        assert "/summary" in page.url and "ratio=0.2" in page.url and "page=" not in page.url
+        shoot(page, "deep-link-summary")
+        page.close()
