@@ -104,7 +104,12 @@ def shallow_clone(module: nn.Module) -> nn.Module:
             c._modules[name] = None if child is None else rec(child)
         return c
 
-    return rec(module)
+    try:
+        return rec(module)
+    finally:
+        # `rec` refers to itself (a reference cycle) and holds `memo`: without this every clone would
+        # live until Python's next full collection (the dashboard turns Streamlit's per-rerun one off).
+        memo.clear()
 
 
 def materialize(model: nn.Module) -> nn.Module:

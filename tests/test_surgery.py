@@ -538,3 +538,25 @@ def test_device_map_reindex_values_and_unfixable_maps(tiny_llama):
     model = load_model(str(tiny_llama), device="cpu").model
     model.hf_device_map = "balanced"
     assert not hasattr(apply_plan(model, plan), "hf_device_map") and model.hf_device_map == "balanced"
+
+
+@pytest.mark.parametrize("method", ["remove", "merge"])
+def test_a_dropped_pruned_model_is_freed_without_a_garbage_collection(tiny_llama, method):
+    """The dashboard turns Streamlit's per-rerun gc.collect off: a pruned model the user replaces must be
+    freed by reference counting alone (no reference cycle may keep its modules or merged tensors)."""
+    import gc
+    import weakref
+
+    lm = load_model(str(tiny_llama), device="cpu")
+    n = len(decoder_layers(lm.model))
+    plan = (PrunePlan(n, "remove", remove=(1,)) if method == "remove"
+            else PrunePlan(n, "merge", merge=((1, 2),)))
+    gc.collect()
+    gc.disable()
+    try:
+        small = apply_plan(lm.model, plan)
+        refs = [weakref.ref(small), weakref.ref(decoder_layers(small)[1])]
+        del small
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
