@@ -99,6 +99,13 @@ class LayerReport:
                                  f"has {num_layers} layers; analyze this model first.")
         return report
 
+    DATA_FIELDS = ("data", "data_description", "samples", "seq_len", "batch_size", "tokens", "skip_first",
+                   "seed")
+
+    def data_provenance(self) -> dict[str, Any]:
+        """The calibration settings this report was computed from, for the provenance of what it drives."""
+        return {k: self.meta.get(k) for k in self.DATA_FIELDS}
+
     def save(self, path: str | Path) -> Path:
         from .runs import atomic_write_text
 

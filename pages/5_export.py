@@ -17,6 +17,7 @@ from layerlens.dashboard_state import (
     save_pruned_model,
     zip_folder,
 )
+from layerlens.plans import REPORT_STRATEGIES
 from layerlens.plots import (
     PNG_HINT,
     bi_bar,
@@ -62,8 +63,10 @@ with st.container(border=True):
             with ui.guarded("saving the pruned model"), st.spinner("Saving…"):
                 shared = ui.shared_for_report()
                 with ui.model_lock(shared):
+                    # Provenance records only what the plan used: the report's data for a report plan.
+                    used = report.data_provenance() if p.strategy in REPORT_STRATEGIES else {"data": None}
                     save_pruned_model(pruned["model"], shared.tokenizer, p, target,
-                                      meta={"source_model": info, "analysis": report.meta})
+                                      meta={"source_model": info, **used})
                 ss["ll_saved_model"] = str(target)
                 st.success(f"Saved to {target}. Load it with AutoModelForCausalLM.from_pretrained('{target}').",
                            icon=":material/check_circle:")

@@ -47,6 +47,8 @@ def test_save_pruned_model_reloads_with_transformers(app, tmp_path):
     assert folder.parent == tmp_path / "runs" / "exports" and "/" not in folder.name
     doc = json.loads((folder / "layerlens_plan.json").read_text())
     assert doc["plan"]["n_removed"] == 3 and doc["meta"]["layerlens_version"]
+    report = app.session_state["ll_report"]
+    assert doc["meta"]["samples"] == report.meta["samples"] and doc["meta"]["data"] == report.meta["data"]
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.num_hidden_layers == 3
     assert "Download the saved model (.zip)" in _download_labels(app)
@@ -81,3 +83,18 @@ def test_html_report_has_figures_and_provenance(app):
         "12.00",
     ):
         assert want in html
+
+
+def test_saved_manual_plan_records_no_calibration_data(app, tmp_path):
+    """A plan picked by hand used no data: its provenance must not claim the analysis' data."""
+    app.switch_page("pages/3_prune.py").run()
+    app.radio(key="pr_mode").set_value("manual").run()
+    app.multiselect(key="pr_layers").set_value([1]).run()
+    app.button(key="pr_apply").click().run()
+    app.switch_page("pages/5_export.py").run()
+    app.button(key="ex_save_model").click().run()
+    assert not app.exception and not app.error
+    folder = next((tmp_path / "runs" / "exports").iterdir())
+    doc = json.loads((folder / "layerlens_plan.json").read_text())
+    assert doc["plan"]["strategy"] == "manual" and doc["plan"]["removed_layers"] == [1]
+    assert doc["meta"]["data"] is None and "samples" not in doc["meta"]

@@ -120,14 +120,6 @@ def _calibration(args: argparse.Namespace, loaded: Any) -> tuple[list[list[int]]
     return tokens, used
 
 
-# The calibration settings a report records in its meta (see metrics.analyze), copied into a plan's provenance.
-_REPORT_DATA_FIELDS = ("data", "data_description", "samples", "seq_len", "batch_size", "tokens", "seed")
-
-
-def _report_data(report: Any) -> dict[str, Any]:
-    return {k: report.meta.get(k) for k in _REPORT_DATA_FIELDS}
-
-
 def _load_report(args: argparse.Namespace, loaded: Any):
     from ..report import LayerReport
 
@@ -177,7 +169,7 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, d
         )
     else:
         plan = make_plan(s, report, ratio=args.ratio, n=args.n, seed=args.seed, num_layers=L)
-    return plan, report, _report_data(report) if report is not None else None
+    return plan, report, report.data_provenance() if report is not None else None
 
 
 def _probed_plan(
