@@ -134,6 +134,7 @@ class AnalysisSettings:
     batch_size: int = 8
     cka_estimator: str = "minibatch"
     seed: int = 0
+    skip_first: int = 0
 
     @classmethod
     def quick(cls, model: str | None = None) -> AnalysisSettings:
@@ -150,6 +151,8 @@ class AnalysisSettings:
 
         d = asdict(self)
         d.pop("data_label")
+        if not d["skip_first"]:  # keys of analyses saved before the option existed stay valid
+            d.pop("skip_first")
         d["data_fingerprint"] = data_fingerprint
         return stable_key(d)
 
@@ -160,6 +163,9 @@ class AnalysisSettings:
             raise LayerLensError(f"Sequence length must be at least 8 tokens (got {self.seq_len}).")
         if self.batch_size < 1:
             raise LayerLensError(f"Batch size must be at least 1 (got {self.batch_size}).")
+        if not 0 <= self.skip_first < self.seq_len:
+            raise LayerLensError(f"Skip-first tokens must be between 0 and the sequence length - 1 = "
+                                 f"{self.seq_len - 1} (got {self.skip_first}).")
         if self.dtype not in DTYPE_OPTIONS:
             raise LayerLensError(f"Unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPE_OPTIONS)}.")
 
@@ -280,6 +286,8 @@ def to_query(settings: AnalysisSettings, ps: PlanSettings | None) -> dict[str, s
         q["data"] = settings.data
     q["samples"] = str(settings.samples)
     q["seq_len"] = str(settings.seq_len)
+    if settings.skip_first:
+        q["skip_first"] = str(settings.skip_first)
     if ps is not None:
         q["mode"] = ps.mode
         if ps.mode == "strategy":
@@ -327,7 +335,7 @@ def from_query(params: Mapping[str, Any], base: AnalysisSettings | None = None,
     if data in ("default", "prose") or data.startswith("hub:"):
         upd["data"] = data
         upd["data_label"] = data
-    for name, lo, hi in (("samples", 1, 4096), ("seq_len", 8, 8192)):
+    for name, lo, hi in (("samples", 1, 4096), ("seq_len", 8, 8192), ("skip_first", 0, 8191)):
         v = _num(p.get(name), int, lo, hi)
         if v is not None:
             upd[name] = v

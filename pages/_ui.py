@@ -324,7 +324,7 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
             else:
                 config = CaptureConfig(samples=settings.samples, seq_len=settings.seq_len,
                                        batch_size=settings.batch_size, cka_estimator=settings.cka_estimator,
-                                       seed=settings.seed)
+                                       seed=settings.seed, skip_first=settings.skip_first)
                 status.update(label=f"{label}: {settings.samples} samples × {settings.seq_len} tokens…",
                               expanded=True)
                 box = slot.container()
@@ -490,7 +490,8 @@ def report_caption(report: Any) -> str:
     m = report.meta
     return (f"{m.get('model', '?')} · {report.num_layers} layers · {m.get('samples')} samples × "
             f"{m.get('seq_len')} tokens ({m.get('tokens')} tokens) of {m.get('data')} · CKA {report.cka_estimator} "
-            f"· {m.get('device')} {m.get('dtype')}")
+            + (f"· first {m['skip_first']} token(s) of each sample skipped " if m.get("skip_first") else "")
+            + f"· {m.get('device')} {m.get('dtype')}")
 
 
 def need_report_or_stop() -> Any:

@@ -88,3 +88,14 @@ def test_local_data_file_under_root_is_analyzed(app, tmp_path):
     app.button(key="md_analyze").click().run()
     assert not app.exception and not app.error
     assert any("cal.txt" in c.value for c in app.caption)
+
+
+def test_skip_first_tokens_reaches_the_analysis(app):
+    app.run()
+    before = app.session_state["ll_report"].meta["tokens"]
+    app.number_input(key="md_skip_first").set_value(1).run()
+    app.button(key="md_analyze").click().run()
+    assert not app.exception and not app.error
+    report = app.session_state["ll_report"]
+    assert report.meta["skip_first"] == 1 and report.meta["tokens"] == before - report.meta["samples"]
+    assert any("first 1 token(s) of each sample skipped" in c.value for c in app.caption)

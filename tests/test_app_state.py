@@ -121,3 +121,13 @@ def test_mmlu_comparison_counts_questions_and_flags_tiny_samples():
     unknown = mmlu_comparison([frame(None)], [3, 4])  # a sweep saved before the count was recorded
     assert unknown.questions is None and not unknown.meaningful and "unknown" in unknown.delta_text()
     assert mmlu_comparison([frame(57)], (1,)) is None
+
+
+def test_skip_first_travels_in_share_links_and_names_its_own_analysis():
+    s = AnalysisSettings(samples=16, seq_len=256, skip_first=1)
+    assert from_query(to_query(s, None), AnalysisSettings.quick())[0].skip_first == 1
+    assert "skip_first" not in to_query(AnalysisSettings(), None)
+    assert from_query({"skip_first": "-3"}, AnalysisSettings.quick())[0].skip_first == 0
+    assert s.key() != AnalysisSettings(samples=16, seq_len=256).key()  # another analysis, another file
+    with pytest.raises(LayerLensError, match="Skip-first"):
+        AnalysisSettings(seq_len=64, skip_first=64).validate()
