@@ -66,9 +66,6 @@ class CaptureConfig:
             raise LayerLensError(f"Unknown CKA estimator '{self.cka_estimator}'; use minibatch or exact.")
 
 
-GRAM_CHUNK_BYTES = 32 << 20  # float32 Grams of equal-length samples computed together, per chunk
-
-
 def hsic_summed(grams: torch.Tensor) -> torch.Tensor:
     """Sum over G minibatches of HSIC_1 (Song et al. 2012) between every pair of n x n Gram matrices.
 
@@ -121,33 +118,28 @@ class _Accumulators:
         numel = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < numel or buf.device != device:
+            self._buffers.pop(name, None)  # free the old one before allocating the new one
             buf = self._buffers[name] = torch.empty(numel, dtype=torch.float32, device=device)
         return buf[:numel].view(shape)
 
-    def _pooled_tokens(self, block: torch.Tensor, keep: torch.Tensor, n_tok: int) -> torch.Tensor:
-        """(S, N, D) float32 states of the non-pad tokens: a view of ``block`` when nothing is dropped."""
-        s, b, w, d = block.shape
-        if n_tok == b * w and block.dtype == torch.float32 and block.is_contiguous():
-            return block.view(s, n_tok, d)
-        tokens = self._buffer("tokens", (s, n_tok, d), block.device)
-        if n_tok == b * w:
-            tokens.view(s, b, w, d).copy_(block)
-        else:
-            idx = keep.reshape(-1).nonzero().squeeze(1)
-            for i in range(s):
-                tokens[i].copy_(block[i].reshape(b * w, d).index_select(0, idx))
-        return tokens
-
     def update(self, states: torch.Tensor | Sequence[torch.Tensor], mask: torch.Tensor) -> None:
+        """Add one batch. Works on the (S, B, T, D) block in place, padded or not: pad positions are zeroed
+        or dropped from the small per-token results, so the working memory is the same for every batch
+        (the block, one scratch block of its size, one sample's Grams): flat in the data size."""
         block = states if isinstance(states, torch.Tensor) else torch.stack(list(states))
         s, b, w, d = block.shape
-        keep = mask.bool()
+        keep = mask.to(block.device).bool()
         lengths = keep.sum(dim=1).tolist()
         n_tok = int(sum(lengths))
-        tokens = self._pooled_tokens(block, keep, n_tok)
+        padded = n_tok != b * w
+        x = block
+        if block.dtype != torch.float32 or not block.is_contiguous():  # e.g. bfloat16 states: widen once
+            x = self._buffer("states", (s, b, w, d), block.device)
+            x.copy_(block)
+        norms = x.norm(dim=3, keepdim=True)  # (S, B, T, 1)
+        token_norms = norms[:, keep] if padded else norms  # pad positions may hold anything (even NaN)
         # A NaN/inf anywhere in a token makes its norm NaN/inf: the check costs no pass of its own.
-        norms = tokens.norm(dim=2, keepdim=True)
-        finite = torch.isfinite(norms.view(s, -1)).all(dim=1)
+        finite = torch.isfinite(token_norms.reshape(s, -1)).all(dim=1)
         if not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
             raise LayerLensError(
@@ -155,34 +147,30 @@ class _Accumulators:
                 "usually float16 overflow: re-run with --dtype float32 or bfloat16.")
         norms.clamp_min_(1e-12)
         self.tokens += n_tok
-        scratch = self._buffer("scratch", (s, n_tok, d), block.device)
-        unit = torch.div(tokens, norms, out=scratch).view(s, -1)
-        self.cos_sum += (unit @ unit.T).double()
-        delta = torch.sub(tokens[1:], tokens[:-1], out=scratch[: s - 1])
-        self.mag_sum += (delta.norm(dim=2) / norms[1:, :, 0]).double().sum(dim=1)
+        scratch = self._buffer("scratch", (s, b, w, d), block.device)
+        unit = torch.div(x, norms, out=scratch)
+        if padded:
+            unit.masked_fill_(~keep[None, :, :, None], 0.0)  # pads add nothing to the cosine sums
+        flat = unit.view(s, -1)
+        self.cos_sum += (flat @ flat.T).double()
+        delta = torch.sub(x[1:], x[:-1], out=scratch[: s - 1])
+        relative = delta.norm(dim=3) / norms[1:, ..., 0]  # (S-1, B, T)
+        relative = relative[:, keep] if padded else relative.view(s - 1, -1)
+        self.mag_sum += relative.double().sum(dim=1)
         if self.estimator == "exact":
-            t64 = tokens.double()
+            t64 = (x[:, keep] if padded else x.view(s, -1, d)).double()
             self.feat_sum += t64.sum(dim=1)
             self.cross += torch.einsum("and,bne->abde", t64, t64)
-        elif n_tok == b * w:
-            # One minibatch per calibration sample (its own tokens); no padding, so all have length w and
-            # their Grams are batched matmuls on views of the states (float32: 4x faster than float64, CKA
-            # differs by < 1e-7 even with a 200x outlier token; the HSIC sums stay float64).
-            if w > 3:
-                x = tokens.view(s, b, w, d)
-                step = max(1, min(b, GRAM_CHUNK_BYTES // (s * w * w * 4)))
-                for c0 in range(0, b, step):
-                    xc = x[:, c0:c0 + step].contiguous()
-                    self.hsic_sum += hsic_summed(xc @ xc.transpose(-1, -2))
-                self.cka_minibatches += b
-        else:
-            offset = 0
-            for n in lengths:
-                if n > 3:
-                    xs = tokens[:, offset:offset + n]
-                    self.hsic_sum += unbiased_hsic_matrix(xs @ xs.transpose(1, 2))
-                    self.cka_minibatches += 1
-                offset += n
+            return
+        # One minibatch per calibration sample: its own tokens, as a view of the block when they come
+        # first in the row (right padding, as data.batches makes); Gram in float32 (4x faster than float64,
+        # CKA differs by < 1e-7 even with a 200x outlier token), the HSIC sums in float64.
+        for i, n in enumerate(lengths):
+            if n > 3:
+                row = keep[i]
+                xs = x[:, i, :n] if bool(row[:n].all()) else x[:, i][:, row]
+                self.hsic_sum += unbiased_hsic_matrix(xs @ xs.transpose(1, 2))
+                self.cka_minibatches += 1
 
     def cka(self) -> torch.Tensor:
         if self.estimator == "exact":

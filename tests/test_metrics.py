@@ -185,18 +185,28 @@ def test_report_json_round_trip(tiny_llama, texts, tmp_path):
         assert key in again.meta
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
-def test_batched_grams_equal_per_sample_minibatches(monkeypatch, chunk_bytes):
-    """Unpadded batches take the batched-Gram path (chunked or not): same sums as one minibatch per sample."""
-    import layerlens.metrics as metrics
-
-    monkeypatch.setattr(metrics, "GRAM_CHUNK_BYTES", chunk_bytes)
+@pytest.mark.parametrize("padded", [False, True])
+def test_block_update_equals_per_sample_minibatches(padded):
+    """The update works on the (S, B, T, D) block in place: its sums equal the pooled formulas over the
+    non-pad tokens, with pad positions holding NaN (they must never leak in)."""
     block = torch.randn(5, 4, 12, 8, generator=torch.Generator().manual_seed(3))  # (S, B, T, D)
+    lengths = [12, 7, 12, 3] if padded else [12] * 4
+    mask = torch.tensor([[1] * n + [0] * (12 - n) for n in lengths])
+    if padded:
+        block[:, ~mask.bool()] = float("nan")
     acc = _Accumulators(5, 8, "minibatch", torch.device("cpu"))
-    acc.update(block, torch.ones(4, 12, dtype=torch.long))
-    expect = sum(unbiased_hsic_matrix((block[:, b] @ block[:, b].transpose(1, 2)).double()) for b in range(4))
-    assert acc.cka_minibatches == 4 and acc.tokens == 48
+    acc.update(block, mask)
+    tokens = torch.cat([block[:, i, :n] for i, n in enumerate(lengths)], dim=1).double()  # (S, N, D)
+    unit = tokens / tokens.norm(dim=2, keepdim=True)
+    torch.testing.assert_close(acc.cos_sum, torch.einsum("and,bnd->ab", unit, unit), rtol=1e-5, atol=1e-6)
+    rel = (tokens[1:] - tokens[:-1]).norm(dim=2) / tokens[1:].norm(dim=2)
+    torch.testing.assert_close(acc.mag_sum, rel.sum(dim=1), rtol=1e-5, atol=1e-6)
+    expect = sum(unbiased_hsic_matrix((block[:, i, :n] @ block[:, i, :n].transpose(1, 2)).double())
+                 for i, n in enumerate(lengths) if n > 3)
+    assert acc.cka_minibatches == sum(n > 3 for n in lengths) and acc.tokens == sum(lengths)
     torch.testing.assert_close(acc.hsic_sum, expect, rtol=1e-5, atol=1e-7)
+    if padded:
+        return
     # bfloat16 states are widened into a float32 buffer: the sums of the rounded states
     low = _Accumulators(5, 8, "minibatch", torch.device("cpu"))
     low.update(block.bfloat16(), torch.ones(4, 12, dtype=torch.long))
