@@ -341,12 +341,16 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
                 meta = dict(model=info.model, revision=info.revision, model_type=info.model_type,
                             dtype=info.dtype, device=info.device, source="dashboard")
                 with model_lock(shared, status):
-                    report = analyze(shared.model, shared.tokenizer, texts, config, progress=progress,
-                                     should_stop=lambda: bool(ss.get(SS_CANCELLED)), meta=meta)
-                report.save(path)
+                    if path.exists():  # another session ran this very analysis while this one waited
+                        report = LayerReport.from_dict(_read_report(str(path), path.stat().st_mtime_ns))
+                        done = f"Loaded the analysis another session just saved ({report.num_layers} layers)"
+                    else:
+                        report = analyze(shared.model, shared.tokenizer, texts, config, progress=progress,
+                                         should_stop=lambda: bool(ss.get(SS_CANCELLED)), meta=meta)
+                        report.save(path)
+                        done = f"Analyzed {report.num_layers} layers in {time.perf_counter() - t1:.1f} s"
                 slot.empty()
-                status.update(label=f"Analyzed {report.num_layers} layers in {time.perf_counter() - t1:.1f} s",
-                              state="complete", expanded=False)
+                status.update(label=done, state="complete", expanded=False)
         ss[SS_REPORT] = report
         ss[SS_SETTINGS] = settings
         ss[SS_MODEL_INFO] = info.to_dict()

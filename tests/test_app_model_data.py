@@ -99,3 +99,35 @@ def test_skip_first_tokens_reaches_the_analysis(app):
     report = app.session_state["ll_report"]
     assert report.meta["skip_first"] == 1 and report.meta["tokens"] == before - report.meta["samples"]
     assert any("first 1 token(s) of each sample skipped" in c.value for c in app.caption)
+
+
+def test_sessions_opening_at_once_share_one_analysis(open_app, monkeypatch):
+    """Several people opening the demo together: the first session analyses, the others wait for the
+    model and then read the report it saved instead of running the same analysis again."""
+    import threading
+    import time
+
+    import layerlens.metrics as metrics
+
+    calls = []
+    real = metrics.analyze
+
+    def slow_counted(*args, **kwargs):
+        calls.append(1)
+        time.sleep(1.0)  # long enough that the other sessions are already waiting for the model
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "analyze", slow_counted)
+    sessions = [open_app() for _ in range(3)]
+    threads = [threading.Thread(target=s.run) for s in sessions]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    reports = [s.session_state["ll_report"] for s in sessions]
+    assert all(not s.exception and not s.error for s in sessions)
+    assert all(r.cosine == reports[0].cosine for r in reports)
+    labels = [st.label for s in sessions for st in s.status]
+    assert sum("another session just saved" in label for label in labels) == 2
