@@ -393,3 +393,28 @@ def test_share_link_opened_first_on_a_fresh_server_goes_through_the_router(brows
         assert "/summary" in page.url and "ratio=0.2" in page.url and "page=" not in page.url
         shoot(page, "deep-link-summary")
         page.close()
+
+
+def test_five_sessions_opening_a_fresh_server_at_once(pages, tmp_path):
+    """A demo link opened by five people together: every session gets the real heatmaps, no page or server
+    error, and the server runs the quick analysis once (the other sessions read the saved report)."""
+    with running_server(tmp_path) as url:
+        sessions = [pages() for _ in range(5)]
+        errors: list[str] = []
+        for page in sessions:
+            page.on("pageerror", lambda e: errors.append(str(e)))
+        t0 = time.perf_counter()
+        for page in sessions:
+            page.goto(url)
+        for page in sessions:
+            page.get_by_text("Model card").wait_for(timeout=600_000)
+            plots(page, 2)
+            idle(page)
+        elapsed = time.perf_counter() - t0
+        labels = [page.get_by_test_id("stExpander").first.inner_text() for page in sessions]
+        print(f"\nfive sessions: all heatmaps after {elapsed:.1f} s; status labels: {labels}")
+        assert all(metric(page, "Decoder layers") == "30" for page in sessions)
+        assert sum("Analyzed 30 layers" in label for label in labels) == 1, labels
+        assert not errors, errors
+        assert len(list((tmp_path / "runs" / "dashboard" / "analyze").glob("*.json"))) == 1
+        shoot(sessions[-1], "09_fifth_session")
