@@ -117,7 +117,7 @@ def main() -> None:
     n_choices = 0
     for i, (r, plan) in enumerate(zip(ratios, plans, strict=True)):
         row = frame.iloc[i]
-        assert abs(float(row["target_ratio"]) - r) < 1e-12
+        assert abs(float(row["ratio"]) - r) < 1e-12
         assert row["removed_layers"] == ",".join(str(x) for x in plan.removed_layers)
         s = scratch[i]
         point = mmlu_points[tuple(plan.removed_layers)]

@@ -335,11 +335,12 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
     if len(df) and metric in df.columns:
         df = df[pd.notna(df[metric])] if metric in df else df
         for strategy in sorted(df["strategy"].astype(str).unique()) if len(df) else []:
-            part = df[df["strategy"].astype(str) == strategy].sort_values("ratio")
+            x_col = "actual_ratio" if "actual_ratio" in df else "ratio"  # the removed fraction, when known
+            part = df[df["strategy"].astype(str) == strategy].sort_values(x_col)
             removed = [_layers_text(v) for v in part.get("removed_layers", [None] * len(part))]
             n_removed = list(part["n_removed"]) if "n_removed" in part else [""] * len(part)
             traces.append(dict(
-                type="scatter", x=100.0 * part["ratio"].to_numpy(dtype=float),
+                type="scatter", x=100.0 * part[x_col].to_numpy(dtype=float),
                 y=scale * part[metric].to_numpy(dtype=float), mode="lines+markers", name=strategy,
                 line=dict(color=strategy_color(strategy), width=2), marker=dict(size=7),
                 customdata=np.array(list(zip(n_removed, removed, strict=True)), dtype=object),

@@ -60,8 +60,8 @@ DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4)
 DEFAULT_MAX_WINDOWS = 16
 DEFAULT_CACHE_BYTES = 1 << 30
 POINT_FORMAT = 1
-COLUMNS = ("strategy", "ratio", "target_ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy",
-           "mmlu_prob_correct", "seconds", "cached")
+COLUMNS = ("strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy", "seconds",
+           "actual_ratio", "mmlu_prob_correct", "cached")
 
 
 @dataclass(frozen=True)
@@ -344,8 +344,9 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
           progress: ProgressFn | None = None, stats: dict[str, Any] | None = None):
     """Evaluate perplexity (on ``ppl_texts``) and MMLU (on ``questions``) for every (strategy, ratio).
 
-    Returns a pandas DataFrame with :data:`COLUMNS` (``ratio`` is the actual fraction of layers removed,
-    ``target_ratio`` the requested one; ``seconds`` is the compute time of the point, the original time
+    Returns a pandas DataFrame with :data:`COLUMNS`, one row per requested (strategy, ratio) (``ratio``
+    is the requested value, ``n_removed = round(ratio * L)`` layers go, ``actual_ratio = n_removed / L``
+    is what the curves are drawn against; ``seconds`` is the compute time of the point, the original time
     for a ``cached`` point). ``plans`` overrides ``strategies``/``ratios`` with ready
     ``(strategy, ratio, PrunePlan)`` triples. ``runs_dir`` enables persisted, resumable points (None: in
     memory only). ``model_id`` is added to the automatic model fingerprint in the keys (e.g.
@@ -459,7 +460,7 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None,
     rows = []
     for strategy, target, plan in plans:
         pk = stable_key(effective_plan(plan))
-        row: dict[str, Any] = {"strategy": strategy, "ratio": plan.ratio, "target_ratio": target,
+        row: dict[str, Any] = {"strategy": strategy, "ratio": target, "actual_ratio": plan.ratio,
                                "n_removed": plan.n_removed,
                                "removed_layers": ",".join(str(i) for i in plan.removed_layers),
                                "perplexity": float("nan"), "mmlu_accuracy": float("nan"),

@@ -47,8 +47,9 @@ def test_sweep_equals_each_pruned_model_from_scratch(tiny_model_factory, sample_
     stats: dict = {}
     frame = sweep(m, t, report, STRATEGIES, RATIOS, ppl_texts=sample_texts, questions=questions,
                   mmlu_batch_size=5, stats=stats, **PPL)
-    assert list(frame.columns[:7]) == ["strategy", "ratio", "target_ratio", "n_removed", "removed_layers",
-                                       "perplexity", "mmlu_accuracy"]
+    assert list(frame.columns[:7]) == ["strategy", "ratio", "n_removed", "removed_layers", "perplexity",
+                                       "mmlu_accuracy", "seconds"]
+    assert sorted(set(frame.ratio)) == sorted(RATIOS)  # one row per requested (strategy, ratio)
     assert len(frame) == len(STRATEGIES) * len(RATIOS)
     # the model is the same object, unchanged
     after = m.state_dict()
@@ -62,7 +63,7 @@ def test_sweep_equals_each_pruned_model_from_scratch(tiny_model_factory, sample_
 
     scratch_results: dict = {}
     for _, row in frame.iterrows():
-        plan = make_plan(row.strategy, report, ratio=row.target_ratio)
+        plan = make_plan(row.strategy, report, ratio=row.ratio)
         if plan.removed_layers not in scratch_results:  # each distinct pruned model, saved and reloaded
             saved = tmp_path / f"pruned-{len(scratch_results)}"
             apply_plan(m, plan).save_pretrained(saved)
@@ -76,9 +77,9 @@ def test_sweep_equals_each_pruned_model_from_scratch(tiny_model_factory, sample_
         assert row.mmlu_accuracy == acc.accuracy
         assert row.mmlu_prob_correct == pytest.approx(acc.mean_prob_correct, rel=1e-5)
         assert row.n_removed == plan.n_removed
-        assert row.ratio == pytest.approx(plan.ratio)
+        assert row.actual_ratio == pytest.approx(plan.ratio) and row.n_removed == round(row.ratio * 6)
     # ratio 0 is one computation shared by all strategies
-    zero = frame[frame.target_ratio == 0]
+    zero = frame[frame.ratio == 0]
     assert zero.perplexity.nunique() == 1
 
 
