@@ -113,6 +113,9 @@ def test_sweep_writes_csv_and_figures_and_resumes(tiny_llama, tmp_path, capsys):
     for col in ("strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy", "seconds"):
         assert col in frame.columns
     assert len(frame) == 12 and set(frame.strategy) == {"bi", "reverse", "sequential", "magnitude"}
+    assert sorted(set(frame.ratio)) == [0.0, 0.2, 0.4]  # the requested ratios; 6 layers: 0, 1, 2 removed
+    assert list(frame.n_removed[frame.strategy == "bi"]) == [0, 1, 2]
+    assert list(frame.actual_ratio[frame.strategy == "bi"]) == pytest.approx([0, 1 / 6, 2 / 6])
     assert not frame.cached.any()
     for name in ("perplexity.html", "mmlu.html", "sweep.json", "report.json"):
         assert (out / name).exists(), name
