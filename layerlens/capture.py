@@ -32,13 +32,24 @@ def _first_tensor(x: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden states in a layer output of type {type(x).__name__}")
 
 
+def reused_buffer(store: dict[str, torch.Tensor], name: str, numel: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """A flat buffer of ``numel`` elements kept in ``store`` across batches; a larger or different one is
+    allocated only when needed, after the old one is dropped (no two alive at once)."""
+    buf = store.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        store.pop(name, None)
+        buf = store[name] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
 class ResidualCapture:
     """Context manager: after each forward, :meth:`take` returns the L+1 residual states of that pass as
     one ``(L+1, B, T, D)`` tensor (a view of a buffer that the next forward overwrites)."""
 
     def __init__(self, model: nn.Module):
         self.layers = decoder_layers(model)
-        self._buffer: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
         self._block: torch.Tensor | None = None
         self._filled = [False] * (len(self.layers) + 1)
         self._handles: list[Any] = []
@@ -46,12 +57,8 @@ class ResidualCapture:
     def _store(self, index: int, hidden: torch.Tensor) -> None:
         if index == 0:
             shape = (len(self.layers) + 1, *hidden.shape)
-            numel = math.prod(shape)
-            buf = self._buffer
-            if buf is None or buf.numel() < numel or buf.dtype != hidden.dtype or buf.device != hidden.device:
-                buf = self._buffer = None  # free the old block before allocating the new one
-                buf = self._buffer = torch.empty(numel, dtype=hidden.dtype, device=hidden.device)
-            self._block = buf[:numel].view(shape)
+            self._block = reused_buffer(self._buffers, "states", math.prod(shape), hidden.dtype,
+                                        hidden.device).view(shape)
             self._filled = [False] * shape[0]
         elif self._block is None or hidden.shape != self._block.shape[1:]:
             raise RuntimeError("decoder layers ran without the first one, or changed the state's shape")
@@ -84,4 +91,5 @@ class ResidualCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._buffer = self._block = None
+        self._buffers.clear()
+        self._block = None

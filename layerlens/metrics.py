@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .capture import ResidualCapture
+from .capture import ResidualCapture, reused_buffer
 from .data import TextSet, batches, calibration_tokens, check_seq_len
 from .errors import LayerLensError, ResourceError
 from .report import LayerReport
@@ -66,28 +66,21 @@ class CaptureConfig:
             raise LayerLensError(f"Unknown CKA estimator '{self.cka_estimator}'; use minibatch or exact.")
 
 
-def hsic_summed(grams: torch.Tensor) -> torch.Tensor:
-    """Sum over G minibatches of HSIC_1 (Song et al. 2012) between every pair of n x n Gram matrices.
-
-    grams: (S, G, n, n), n > 3; returns (S, S) in float64. HSIC_1(K, L) = [tr(K~L~) + 1'K~1 1'L~1/((n-1)(n-2))
-    - 2/(n-2) 1'K~L~1] / (n(n-3)), K~ = K with a zero diagonal. Every term is an inner product (or a product
-    of sums), so the sum over minibatches of one size is three matmuls over all of them at once.
-    """
-    s, g, n, _ = grams.shape
-    k = grams.to(torch.float64, copy=True)  # cancellations in float64; never zero the caller's diagonal
-    k.diagonal(dim1=2, dim2=3).zero_()
-    flat = k.reshape(s, g * n * n)
-    trace_term = flat @ flat.T
-    row_sums = k.sum(dim=3)  # (S, G, n): K~ 1
-    totals = row_sums.sum(dim=2)  # (S, G): 1'K~1
-    rs = row_sums.reshape(s, g * n)
-    cross = rs @ rs.T  # sum of 1'K~ L~ 1 (K~ symmetric)
-    return (trace_term + (totals @ totals.T) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
-
-
 def unbiased_hsic_matrix(grams: torch.Tensor) -> torch.Tensor:
-    """HSIC_1 between every pair of the (S, n, n) Gram matrices of one minibatch, as an (S, S) matrix."""
-    return hsic_summed(grams.unsqueeze(1))
+    """HSIC_1 (Song et al. 2012) between every pair of n x n Gram matrices, as an (S, S) float64 matrix.
+
+    grams: (S, n, n), n > 3. HSIC_1(K, L) = [tr(K~L~) + 1'K~1 1'L~1/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)),
+    K~ = K with a zero diagonal. Every pairwise term is an inner product, so all pairs cost one matmul.
+    """
+    s, n, _ = grams.shape
+    k = grams.to(torch.float64, copy=True)  # cancellations in float64; never zero the caller's diagonal
+    k.diagonal(dim1=1, dim2=2).zero_()
+    flat = k.reshape(s, n * n)
+    trace_term = flat @ flat.T
+    row_sums = k.sum(dim=2)  # (S, n): K~ 1
+    totals = row_sums.sum(dim=1)  # (S,): 1'K~1
+    cross = row_sums @ row_sums.T  # 1'K~ L~ 1 (K~ symmetric)
+    return (trace_term + torch.outer(totals, totals) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
 
 
 class _Accumulators:
@@ -115,12 +108,7 @@ class _Accumulators:
             self.cross = torch.zeros(num_states, num_states, hidden, hidden, **f64)
 
     def _buffer(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        numel = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.device != device:
-            self._buffers.pop(name, None)  # free the old one before allocating the new one
-            buf = self._buffers[name] = torch.empty(numel, dtype=torch.float32, device=device)
-        return buf[:numel].view(shape)
+        return reused_buffer(self._buffers, name, math.prod(shape), torch.float32, device).view(shape)
 
     def update(self, states: torch.Tensor | Sequence[torch.Tensor], mask: torch.Tensor) -> None:
         """Add one batch. Works on the (S, B, T, D) block in place, padded or not: pad positions are zeroed

@@ -334,8 +334,8 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
     )
     if len(df) and metric in df.columns:
         df = df[pd.notna(df[metric])] if metric in df else df
+        x_col = "actual_ratio" if "actual_ratio" in df else "ratio"  # the removed fraction, when known
         for strategy in sorted(df["strategy"].astype(str).unique()) if len(df) else []:
-            x_col = "actual_ratio" if "actual_ratio" in df else "ratio"  # the removed fraction, when known
             part = df[df["strategy"].astype(str) == strategy].sort_values(x_col)
             removed = [_layers_text(v) for v in part.get("removed_layers", [None] * len(part))]
             n_removed = list(part["n_removed"]) if "n_removed" in part else [""] * len(part)

@@ -291,6 +291,14 @@ def pruned_device_map(
     return out
 
 
+def _set_device_map(model: nn.Module, device_map: dict[str, Any] | None) -> None:
+    """Give ``model`` its own ``hf_device_map`` (assigned, never edited in place), or none (None)."""
+    if device_map is None:
+        model.__dict__.pop("hf_device_map", None)
+    else:
+        model.__dict__["hf_device_map"] = device_map
+
+
 def _single_device_as(layer: nn.Module, base: nn.Module) -> bool:
     """Whether every parameter of ``layer`` sits on the one device that all of ``base``'s sit on."""
     devices = {p.device for p in base.parameters()}
@@ -366,11 +374,8 @@ def apply_plan(
         new_model.generation_config = copy.deepcopy(gen)
     if "hf_device_map" in model.__dict__:  # shared by the shallow clone: replace, never edit in place
         replaced = {old: _single_device_as(mod, layers[old]) for old, mod in replacements.items()}
-        device_map = pruned_device_map(model.__dict__["hf_device_map"], adapter.layers, plan, replaced)
-        if device_map is None:
-            del new_model.__dict__["hf_device_map"]
-        else:
-            new_model.__dict__["hf_device_map"] = device_map
+        _set_device_map(new_model, pruned_device_map(model.__dict__["hf_device_map"], adapter.layers, plan,
+                                                     replaced))
     if copy_weights:
         materialize(new_model)
     return new_model
@@ -416,11 +421,7 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
             for k in old:
                 setattr(c, k, changes[k])
         if has_map:
-            device_map = pruned_device_map(saved_map, adapter.layers, plan)
-            if device_map is None:
-                del model.__dict__["hf_device_map"]
-            else:
-                model.__dict__["hf_device_map"] = device_map
+            _set_device_map(model, pruned_device_map(saved_map, adapter.layers, plan))
         yield model
     finally:
         set_attr(model, adapter.layers, layers)
@@ -430,4 +431,4 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
             for k, v in old.items():
                 setattr(c, k, v)
         if has_map:
-            model.__dict__["hf_device_map"] = saved_map
+            _set_device_map(model, saved_map)

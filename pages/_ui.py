@@ -287,6 +287,13 @@ def _read_report(path: str, mtime_ns: int) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def _saved_report(path: Path) -> Any:
+    """A report persisted by an earlier analysis (parsed once per file version, see :func:`_read_report`)."""
+    from layerlens.report import LayerReport
+
+    return LayerReport.from_dict(_read_report(str(path), path.stat().st_mtime_ns))
+
+
 def _request_cancel() -> None:
     st.session_state[SS_CANCELLED] = True
 
@@ -297,7 +304,6 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
     On any error the earlier report stays in the session and an ``st.error`` says what to change.
     """
     from layerlens.metrics import CaptureConfig, analyze
-    from layerlens.report import LayerReport
 
     ss = st.session_state
     ss[SS_CANCELLED] = False
@@ -318,7 +324,7 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
             key = settings.key(f"{fingerprint}|{info.source_path}|{info.num_parameters}")
             path = runs_dir() / "analyze" / f"{key}.json"
             if path.exists():
-                report = LayerReport.from_dict(_read_report(str(path), path.stat().st_mtime_ns))
+                report = _saved_report(path)
                 status.update(label=f"Loaded the saved analysis ({report.num_layers} layers)", state="complete",
                               expanded=False)
             else:
@@ -342,7 +348,7 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
                             dtype=info.dtype, device=info.device, source="dashboard")
                 with model_lock(shared, status):
                     if path.exists():  # another session ran this very analysis while this one waited
-                        report = LayerReport.from_dict(_read_report(str(path), path.stat().st_mtime_ns))
+                        report = _saved_report(path)
                         done = f"Loaded the analysis another session just saved ({report.num_layers} layers)"
                     else:
                         report = analyze(shared.model, shared.tokenizer, texts, config, progress=progress,
