@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas  # noqa: F401 - imported before any figure can be built; see below
 import plotly.graph_objects as go
+
+# Plotly converts trace data by looking pandas up in ``sys.modules`` without importing it. When another
+# thread is importing pandas for the first time at that moment (two dashboard sessions on a fresh server),
+# plotly gets the half-initialised module and fails with "partially initialized module 'pandas' has no
+# attribute 'Series'". Importing pandas with this module means every thread that can build a figure finds
+# pandas complete.
 
 log = logging.getLogger(__name__)
 

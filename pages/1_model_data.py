@@ -29,11 +29,11 @@ server_default = default_model_spec()
 default_label = DEFAULT_MODEL_LABEL if server_default == DEFAULT_MODEL_ID else f"Server default ({server_default})"
 
 # ---- first visit: a quick analysis of the bundled default, no typing ---------------------------------------
-if ui.current_report() is None and not ss.get(ui.SS_AUTO) and not ss.get(ui.SS_CANCELLED):
-    ui.ensure_report(auto=True)
+ui.ensure_report(auto=True, quiet=True)
+cancel_note = st.empty()  # a fixed slot, like ensure_report's: the widgets below never shift between reruns
 if ss.pop(ui.SS_CANCELLED, False):
-    st.warning("Analysis cancelled; the results on screen (if any) are from the previous analysis.",
-               icon=":material/stop_circle:")
+    cancel_note.warning("Analysis cancelled; the results on screen (if any) are from the previous analysis.",
+                        icon=":material/stop_circle:")
 
 # ---- settings --------------------------------------------------------------------------------------------
 with st.container(border=True):

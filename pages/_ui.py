@@ -376,24 +376,33 @@ def _status_error_on_failure(status: Any) -> Iterator[None]:
         raise
 
 
-def ensure_report(auto: bool = True) -> Any | None:
-    """The report on screen; on a session's first visit (no typing) run the quick default analysis."""
+def ensure_report(auto: bool = True, *, quiet: bool = False) -> Any | None:
+    """The report on screen; on a session's first visit (no typing) run the quick default analysis.
+
+    Whatever this shows lives in one slot that every run creates at the same place, so the first visit's
+    progress and status do not shift the page's widgets on the next rerun (a shifted widget is remounted:
+    a slider being moved with the keyboard would lose focus and briefly show twice).
+    ``quiet`` leaves out the "no analysis" hints (for the page that has the Analyze button).
+    """
     ss = st.session_state
+    area = st.empty()
     if ss.get(SS_REPORT) is not None:
         return ss[SS_REPORT]
-    if ss.get(SS_CANCELLED):
-        st.warning("Analysis cancelled; press **Analyze** on the Model & data page to start again.")
-        return None
-    if auto and not ss.get(SS_AUTO):
-        ss[SS_AUTO] = True
-        note = st.empty()
-        note.info("First visit: running a quick analysis of the bundled default model and text "
-                  "(small sample) so you can explore right away.", icon=":material/waving_hand:")
-        ok = run_analysis(requested_settings(), label="Quick first analysis")
-        if ok:
-            note.empty()
-        return ss.get(SS_REPORT)
-    st.info("No analysis yet: pick a model and data on the **Model & data** page and press **Analyze**.")
+    with area.container():
+        if ss.get(SS_CANCELLED):
+            if not quiet:
+                st.warning("Analysis cancelled; press **Analyze** on the Model & data page to start again.")
+            return None
+        if auto and not ss.get(SS_AUTO):
+            ss[SS_AUTO] = True
+            note = st.empty()
+            note.info("First visit: running a quick analysis of the bundled default model and text "
+                      "(small sample) so you can explore right away.", icon=":material/waving_hand:")
+            if run_analysis(requested_settings(), label="Quick first analysis"):
+                note.empty()
+            return ss.get(SS_REPORT)
+        if not quiet:
+            st.info("No analysis yet: pick a model and data on the **Model & data** page and press **Analyze**.")
     return None
 
 

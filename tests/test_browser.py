@@ -273,29 +273,33 @@ def test_full_flow_on_the_default_model(server, pages):
     assert not errors, errors
 
 
-def test_two_sessions_share_the_model_but_not_plans(server, pages):
-    a, b = pages(), pages()
-    for page in (a, b):  # both at once: the second waits for nothing heavy (model + report cached)
-        page.goto(server + "/prune")
-    for page in (a, b):
-        page.get_by_text("Apply and compare").wait_for(timeout=300_000)
-        idle(page)
-        assert metric(page, "Layers") == "22 / 30"
-    slider_keys(a, "pr_ratio", "ArrowRight", 25)  # 0.50 -> 15 layers removed
-    slider_keys(b, "pr_ratio", "ArrowLeft", 5)  # 0.20 -> 6 removed
-    a.get_by_test_id("stMetricValue").get_by_text("15 / 30").wait_for(timeout=60_000)
-    b.get_by_test_id("stMetricValue").get_by_text("24 / 30").wait_for(timeout=60_000)
-    idle(a)
-    a.get_by_role("button", name="Apply plan").click()
-    a.get_by_text("Pruned (15 layers)").wait_for(timeout=600_000)
-    nav(b, "Summary")
-    b.get_by_text("24 of 30 layers kept").first.wait_for(timeout=300_000)
-    nav(b, "Export")
-    expect(b.get_by_text("No pruned model in this session yet")).to_be_visible(timeout=60_000)
-    nav(a, "Summary")
-    a.get_by_text("15 of 30 layers kept").first.wait_for(timeout=300_000)
-    shoot(a, "07_session_a")
-    shoot(b, "07_session_b")
+def test_two_sessions_share_the_model_but_not_plans(pages, tmp_path):
+    """Two people on a fresh server: one quick analysis and one model for both, separate plans and pruned
+    models. (On a fresh server the sessions also import the heavy modules at the same time: plotly once
+    failed there on a half-imported pandas.)"""
+    with running_server(tmp_path) as server:
+        a, b = pages(), pages()
+        for page in (a, b):  # both at once: the second waits for the first's analysis
+            page.goto(server + "/prune")
+        for page in (a, b):
+            page.get_by_text("Apply and compare").wait_for(timeout=300_000)
+            idle(page)
+            assert metric(page, "Layers") == "22 / 30"
+        slider_keys(a, "pr_ratio", "ArrowRight", 25)  # 0.50 -> 15 layers removed
+        slider_keys(b, "pr_ratio", "ArrowLeft", 5)  # 0.20 -> 6 removed
+        a.get_by_test_id("stMetricValue").get_by_text("15 / 30").wait_for(timeout=60_000)
+        b.get_by_test_id("stMetricValue").get_by_text("24 / 30").wait_for(timeout=60_000)
+        idle(a)
+        a.get_by_role("button", name="Apply plan").click()
+        a.get_by_text("Pruned (15 layers)").wait_for(timeout=600_000)
+        nav(b, "Summary")
+        b.get_by_text("24 of 30 layers kept").first.wait_for(timeout=300_000)
+        nav(b, "Export")
+        expect(b.get_by_text("No pruned model in this session yet")).to_be_visible(timeout=60_000)
+        nav(a, "Summary")
+        a.get_by_text("15 of 30 layers kept").first.wait_for(timeout=300_000)
+        shoot(a, "07_session_a")
+        shoot(b, "07_session_b")
 
 
 def test_cancel_keeps_earlier_results(server, pages):
