@@ -152,3 +152,14 @@ def test_bundled_mmlu_default_is_the_same_on_every_device(tiny_llama, tmp_path):
     assert result["perplexity"] is None and result["mmlu"]["n"] == 20
     sweep_args = build_parser().parse_args(["sweep", "--out", str(tmp_path / "s")])
     assert sweep_args.mmlu_limit == 2
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_short_mmlu_flags_are_aliases(command, tmp_path):
+    """The issue's `--limit` (per subject) and a `--subjects` filter mean --mmlu-limit / --mmlu-subjects."""
+    from layerlens.cli import build_parser
+
+    parser = build_parser()
+    short = parser.parse_args([command, "--limit", "3", "--subjects", "astronomy", "--out", str(tmp_path)])
+    long = parser.parse_args([command, "--mmlu-limit", "3", "--mmlu-subjects", "astronomy", "--out", str(tmp_path)])
+    assert (short.mmlu_limit, short.mmlu_subjects) == (long.mmlu_limit, long.mmlu_subjects) == (3, "astronomy")

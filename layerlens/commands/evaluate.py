@@ -34,8 +34,9 @@ def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True, mmlu_limi
     g.add_argument("--mmlu", default="default",
                    help="'default' (bundled subset, 10 questions per subject = 570), 'full' (14,042), a "
                         ".jsonl/.csv/.parquet file, a hub dataset (e.g. cais/mmlu), or 'none' to skip")
-    g.add_argument("--mmlu-subjects", default=None, help="comma-separated subjects, e.g. astronomy,virology")
-    g.add_argument("--mmlu-limit", type=int, default=mmlu_limit,
+    g.add_argument("--mmlu-subjects", "--subjects", dest="mmlu_subjects", default=None,
+                   help="comma-separated subjects, e.g. astronomy,virology")
+    g.add_argument("--mmlu-limit", "--limit", dest="mmlu_limit", type=int, default=mmlu_limit,
                    help="at most N questions per subject (default: " + (
                        "all" if mmlu_limit is None else f"{mmlu_limit} per subject = {57 * mmlu_limit} of the "
                        "bundled set, so a point takes seconds on a CPU; 10 gives all 570") + ")")
