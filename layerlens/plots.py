@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas  # noqa: F401 - imported before any figure can be built; see below
+import pandas as pd  # imported before any figure can be built; see below
 import plotly.graph_objects as go
 
 # Plotly converts trace data by looking pandas up in ``sys.modules`` without importing it. When another
@@ -316,16 +316,15 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
                  title: str | None = None) -> go.Figure:
     """Metric against pruning ratio, one curve per strategy; the current plan marked.
 
-    ``frame``: a pandas DataFrame (or records) with columns ``strategy``, ``ratio`` (fraction of layers
-    removed, 0..1), ``n_removed``, ``removed_layers`` and the ``metric`` column (``perplexity`` or
-    ``mmlu_accuracy``, the latter a fraction 0..1 shown in %). Perplexity uses a log y axis.
+    ``frame``: a pandas DataFrame (or records) with columns ``strategy``, ``actual_ratio`` (fraction of
+    layers removed, 0..1; frames without it are drawn against ``ratio``), ``n_removed``, ``removed_layers``
+    and the ``metric`` column (``perplexity`` or ``mmlu_accuracy``, the latter a fraction 0..1 shown in %).
+    Perplexity uses a log y axis.
 
     ``current``: the plan on screen, as a mapping ``{"ratio", "strategy"?, "value"?, "label"?}``, an object
     with a ``.ratio`` attribute (e.g. ``PrunePlan``) or a bare ratio. With a ``value`` it is drawn as a
     star; otherwise as a vertical dashed line at its ratio.
     """
-    import pandas as pd
-
     if metric not in METRIC_LABELS:
         raise ValueError(f"metric must be one of {', '.join(METRIC_LABELS)}, got {metric!r}")
     df = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(list(frame))
