@@ -6,19 +6,14 @@ The router only: page config, session init from a share link, navigation, URL sy
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+# No sys.path editing: Streamlit puts this file's folder on sys.path while it runs the script (`streamlit
+# run` and AppTest alike), so `pages._ui` imports; `layerlens` is an installed package.
+import streamlit as st
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:  # `pages._ui` and `layerlens` importable however the app is started
-    sys.path.insert(0, str(ROOT))
-
-import streamlit as st  # noqa: E402
-
-from pages import _ui as ui  # noqa: E402
+from pages._ui import session, widgets
 
 st.set_page_config(page_title="LayerLens", page_icon=":material/biotech:", layout="wide")
-ui.init_session()
+session.init_session()
 
 PAGE_FILES = {
     "1_model_data.py": ("Model & data", ":material/deployed_code:"),
@@ -31,13 +26,13 @@ PAGE_FILES = {
 PAGES = {name: st.Page(f"pages/{name}", title=title, icon=icon, default=name == "1_model_data.py")
          for name, (title, icon) in PAGE_FILES.items()}
 page = st.navigation(list(PAGES.values()))
-route = st.query_params.get(ui.ROUTE_PARAM)
-if route is not None:  # a deep link that Streamlit first ran without the router (ui.require_router)
-    del st.query_params[ui.ROUTE_PARAM]
+route = st.query_params.get(session.ROUTE_PARAM)
+if route is not None:  # a deep link that Streamlit first ran without the router (session.require_router)
+    del st.query_params[session.ROUTE_PARAM]
     if route in PAGES and PAGES[route] is not page:
         st.switch_page(PAGES[route], query_params={k: st.query_params.get(k) for k in st.query_params})
 try:
     page.run()
 finally:  # also when a page stops early: the URL and sidebar always reflect the session's state
-    ui.sync_query_params()
-    ui.sidebar_status()
+    session.sync_query_params()
+    widgets.sidebar_status()

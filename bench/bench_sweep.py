@@ -51,7 +51,7 @@ def main() -> None:
     from layerlens.plans import make_plan
     from layerlens.questions import load_questions
     from layerlens.surgery import apply_plan
-    from layerlens.sweep import sweep
+    from layerlens.sweep import SweepConfig, sweep
 
     loaded = common.load(args)
     model, tok = loaded.model, loaded.tokenizer
@@ -74,14 +74,12 @@ def main() -> None:
           f"load {machine['loadavg_start']}")
 
     def run_sweep():
-        stats: dict = {}
+        config = SweepConfig(strategies=("bi",), ratios=ratios, seq_len=args.seq_len, max_windows=args.windows)
         with tempfile.TemporaryDirectory(prefix="bench-sweep-") as runs:
-            frame = sweep(model, tok, report, strategies=("bi",), ratios=ratios, ppl_texts=ppl_texts,
-                          questions=questions, seq_len=args.seq_len, max_windows=args.windows, runs_dir=runs,
-                          stats=stats)
+            result = sweep(model, tok, report, config, ppl_texts=ppl_texts, questions=questions, runs_dir=runs)
             points = [json.loads(f.read_text()) for f in sorted(Path(runs).rglob("points/*.json"))]
         mmlu_points = {tuple(pt["plan"]["removed_layers"]): pt["result"] for pt in points if pt["kind"] == "mmlu"}
-        return frame, stats["stats"], mmlu_points
+        return result.frame, result.stats, mmlu_points
 
     def run_scratch():
         out = []

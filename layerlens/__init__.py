@@ -16,7 +16,8 @@ from .errors import LayerLensError  # noqa: E402
 from .evaluation import MMLUResult, PerplexityResult, mmlu, perplexity  # noqa: E402
 from .loading import LoadedModel, ModelInfo, load_model  # noqa: E402
 from .metrics import CaptureConfig, analyze  # noqa: E402
-from .plans import PrunePlan, laco_plan, make_plan, plan_summary, slm_output_plan, slm_plan  # noqa: E402
+from .plans import PrunePlan, make_plan, plan_summary, slm_plan  # noqa: E402
+from .plans.probed import laco_plan, slm_output_plan  # noqa: E402
 from .questions import Question, QuestionSet, load_dev, load_questions  # noqa: E402
 from .report import LayerReport  # noqa: E402
 from .surgery import apply_plan, private_view, pruned  # noqa: E402

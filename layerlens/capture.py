@@ -26,9 +26,10 @@ def _first_tensor(x: Any) -> torch.Tensor:
         return x
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x[0]
-    hidden = getattr(x, "hidden_states", None) or getattr(x, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden
+    for name in ("hidden_states", "last_hidden_state"):  # never `a or b`: bool() of a tensor raises
+        hidden = getattr(x, name, None)
+        if isinstance(hidden, torch.Tensor):
+            return hidden
     raise TypeError(f"cannot find the hidden states in a layer output of type {type(x).__name__}")
 
 

@@ -9,11 +9,26 @@ import os
 import sys
 from typing import Any
 
-from . import __version__
-from .errors import LayerLensError
+from tqdm.auto import tqdm
+
+from . import __version__, metrics
+from .data import load_texts
+from .errors import LayerLensError, for_interface
+from .loading import load_model
 
 # Each module in layerlens/commands exposes register(subparsers); its parser sets func=run(args) -> int.
 COMMANDS = ("analyze", "prune", "evaluate", "sweep")
+
+# Library messages name parameters (`seq_len`, `dtype=float32`); the CLI names its flags instead.
+FLAGS = {
+    "model": "--model", "dtype": "--dtype", "device": "--device", "device_map": "--device-map",
+    "trust_remote_code": "--trust-remote-code", "samples": "--samples", "seq_len": "--seq-len",
+    "batch_size": "--batch-size", "cka_estimator": "--cka", "skip_first": "--skip-first",
+    "max_windows": "--max-windows", "shots": "--shots", "limit": "--mmlu-limit", "dev": "--mmlu-dev",
+    "mmlu": "--mmlu", "strategy": "--strategy", "criterion": "--criterion", "layers": "--remove",
+    "epochs": "--epochs", "ratio": "--ratio", "n": "--n", "threshold": "--threshold", "formula": "--formula",
+    "keep_last": "--keep-last", "m": "--laco-m", "interval": "--laco-interval", "seed": "--seed",
+}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -50,16 +65,12 @@ def add_runs_arg(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> Any:
-    from .loading import load_model
-
     return load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
                       device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
 
 def cli_progress(desc: str):
     """A tqdm-backed progress callback (done, total, message) for long work; silent when not a TTY."""
-    from tqdm.auto import tqdm
-
     bar: dict[str, Any] = {}
 
     def progress(done: int, total: int, message: str = "") -> None:
@@ -77,22 +88,17 @@ def cli_progress(desc: str):
 
 
 def capture_config_from_args(args: argparse.Namespace):
-    from .metrics import CaptureConfig
-
-    return CaptureConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                         cka_estimator=args.cka_estimator, skip_first=args.skip_first, seed=args.seed)
+    return metrics.CaptureConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 cka_estimator=args.cka_estimator, skip_first=args.skip_first, seed=args.seed)
 
 
 def analyze_from_args(args: argparse.Namespace, loaded: Any):
     """Run the analysis described by the data args on a loaded model (used by analyze, prune, sweep)."""
-    from .data import load_texts
-    from .metrics import analyze
-
     texts = load_texts(args.data, role="calibration", field=args.text_field)
     meta = dict(model=loaded.info.model, revision=loaded.info.revision, model_type=loaded.info.model_type,
                 dtype=loaded.info.dtype, device=loaded.info.device)
-    return analyze(loaded.model, loaded.tokenizer, texts, capture_config_from_args(args),
-                   progress=cli_progress("analyze"), meta=meta)
+    return metrics.analyze(loaded.model, loaded.tokenizer, texts, capture_config_from_args(args),
+                           progress=cli_progress("analyze"), meta=meta)
 
 
 def print_json(obj: Any) -> None:
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LayerLensError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {for_interface(str(exc), FLAGS)}", file=sys.stderr)
         return exc.exit_code
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         where = exc.filename or "the output path"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import defaults
 from .errors import DataError, LayerLensError
 
 MIN_CHARS = 1
@@ -84,7 +85,7 @@ def _read_file(path: Path, field: str) -> list[str]:
         reader = csv.DictReader(read_utf8(path).splitlines())
         return _texts_from_records(list(reader), str(path), field)
     if suffix == ".parquet":
-        import pandas as pd
+        import pandas as pd  # heavy (~0.3 s): only for .parquet files, not at import
 
         try:
             frame = pd.read_parquet(path)
@@ -99,7 +100,7 @@ def _read_file(path: Path, field: str) -> list[str]:
 def _read_hub(spec: str, field: str) -> list[str]:
     name, config, split = (spec.split(":") + [None, None])[:3]
     try:
-        import datasets
+        import datasets  # heavy: only for hub datasets
 
         ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - datasets raises many network/file errors
@@ -115,8 +116,6 @@ def load_texts(spec: str = "default", *, role: str = "calibration", field: str =
 
     A hub dataset is also recognised as ``name[:config][:split]`` when no such local path exists.
     """
-    from . import defaults
-
     if spec in ("default", "shakespeare"):
         c = defaults.shakespeare_corpus(role)
         return TextSet(c.texts, f"default:{role}", c.description)
@@ -154,10 +153,10 @@ class Batch:
 
 def check_seq_len(seq_len: int, limit: int | None) -> None:
     if seq_len < 2:
-        raise LayerLensError(f"--seq-len must be at least 2 (got {seq_len}).")
+        raise LayerLensError(f"`seq_len` must be at least 2 (got {seq_len}).")
     if limit is not None and seq_len > limit:
-        raise LayerLensError(f"--seq-len {seq_len} is above the model's limit of {limit} positions; "
-                             f"use --seq-len {limit} or less.")
+        raise LayerLensError(f"`seq_len={seq_len}` is above the model's limit of {limit} positions; "
+                             f"use `seq_len={limit}` or less.")
 
 
 def tokenize_texts(tokenizer: Any, texts: tuple[str, ...] | list[str], seq_len: int) -> list[list[int]]:
@@ -174,7 +173,7 @@ def batches(tokenizer: Any, token_lists: list[list[int]], batch_size: int,
             device: str | torch.device = "cpu") -> Iterator[Batch]:
     """Right-padded batches; padding positions have attention_mask 0 and are ignored by every statistic."""
     if batch_size < 1:
-        raise LayerLensError(f"--batch-size must be at least 1 (got {batch_size}).")
+        raise LayerLensError(f"`batch_size` must be at least 1 (got {batch_size}).")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(token_lists), batch_size):
         chunk = token_lists[start:start + batch_size]
@@ -191,7 +190,7 @@ def calibration_tokens(tokenizer: Any, texts: TextSet, samples: int, seq_len: in
                        min_tokens: int = 2) -> list[list[int]]:
     """The first ``samples`` texts as token lists, refusing empty or too-short data with a clear message."""
     if samples < 1:
-        raise DataError(f"--samples must be at least 1 (got {samples}).")
+        raise DataError(f"`samples` must be at least 1 (got {samples}).")
     toks = [t for t in tokenize_texts(tokenizer, texts.texts[:samples], seq_len) if len(t) >= min_tokens]
     if not toks:
         raise DataError(f"The data '{texts.source}' gives no text of at least {min_tokens} tokens; "

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from layerlens.errors import DataError, LayerLensError
 
 try:  # POSIX only; elsewhere conversion runs unlocked (still atomic).
@@ -191,8 +193,7 @@ def _require_gguf_support() -> None:
 
 def _convert(gguf: Path, out_dir: Path, expected: dict) -> None:
     """Dequantize the GGUF into a float32 transformers folder at ``out_dir`` (which exists and is empty)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when converting the GGUF
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # float32: the Q4_1 dequantized values are not exactly representable in bf16.
@@ -425,7 +426,7 @@ def shakespeare_corpus(role: str = "calibration") -> TextCorpus:
 def prose_corpus() -> TextCorpus:
     """Modern English prose: the Python language reference topics shipped in ``pydoc_data.topics``."""
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # large, and missing from some Pythons: only for 'prose'
     except ImportError as exc:
         raise LayerLensError(
             "This Python has no pydoc_data module (some Linux distributions split the standard library; "

@@ -33,6 +33,7 @@ logits at its last position); otherwise each letter is scored as the sum of its 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,8 +44,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import check_seq_len
 from .errors import DataError, LayerLensError
+from .loading import max_positions
 from .questions import LETTERS, Question, QuestionSet, as_questions
+from .runs import stable_key
 
 ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``, called after each batch (or sweep point)."""
@@ -82,7 +86,7 @@ Forward = Callable[[int, EvalBatch], torch.Tensor]
 
 
 NONFINITE = ("The model produced NaN/inf logits (usually float16 overflow, or a pruned model that diverged); "
-             "re-run with --dtype float32 or bfloat16.")
+             "re-run with `dtype=float32` or bfloat16.")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -160,15 +164,15 @@ def perplexity_windows(tokenizer: Any, texts: Any, seq_len: int = DEFAULT_SEQ_LE
                        max_windows: int | None = None) -> torch.Tensor:
     """The ``[n_windows, seq_len]`` token windows the perplexity protocol evaluates."""
     if seq_len < 2:
-        raise LayerLensError(f"--seq-len must be at least 2 (got {seq_len}).")
+        raise LayerLensError(f"`seq_len` must be at least 2 (got {seq_len}).")
     if max_windows is not None and max_windows < 1:
-        raise LayerLensError(f"--max-windows must be at least 1 (got {max_windows}).")
+        raise LayerLensError(f"`max_windows` must be at least 1 (got {max_windows}).")
     joined = "\n\n".join(_texts_of(texts))
     ids = torch.tensor(_tokenizer_ids(tokenizer, joined), dtype=torch.long)
     n = ids.numel() // seq_len
     if n == 0:
         raise DataError(f"The perplexity text gives only {ids.numel()} tokens, fewer than one window of "
-                        f"--seq-len {seq_len}; use more text or a smaller --seq-len.")
+                        f"`seq_len={seq_len}`; use more text or a smaller `seq_len`.")
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seq_len].view(n, seq_len)
@@ -176,9 +180,6 @@ def perplexity_windows(tokenizer: Any, texts: Any, seq_len: int = DEFAULT_SEQ_LE
 
 def check_window(model: torch.nn.Module, seq_len: int) -> None:
     """Refuse a window longer than the model's positions (one sentence naming the limit)."""
-    from .data import check_seq_len
-    from .loading import max_positions
-
     check_seq_len(seq_len, max_positions(model.config))
 
 
@@ -190,15 +191,13 @@ class PerplexityTask:
     def __init__(self, tokenizer: Any, texts: Any, *, seq_len: int = DEFAULT_SEQ_LEN,
                  batch_size: int = DEFAULT_PPL_BATCH, max_windows: int | None = None):
         if batch_size < 1:
-            raise LayerLensError(f"--batch-size must be at least 1 (got {batch_size}).")
+            raise LayerLensError(f"`batch_size` must be at least 1 (got {batch_size}).")
         self.windows = perplexity_windows(tokenizer, texts, seq_len, max_windows)
         self.seq_len, self.max_windows = seq_len, max_windows
         self.batches = [EvalBatch(w) for w in self.windows.split(batch_size)]
 
     def identity(self) -> dict[str, Any]:
         """What is evaluated (not how it is batched): the exact token windows."""
-        import hashlib
-
         digest = hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()[:16]
         return {"kind": self.kind, "seq_len": self.seq_len, "n_windows": len(self.windows), "tokens": digest}
 
@@ -258,8 +257,8 @@ def select_shots(question: Question, dev: Sequence[Question], k: int) -> list[Qu
         return []
     pool = [d for d in dev if d.subject == question.subject and d != question]
     if len(pool) < k:
-        raise DataError(f"--shots {k} needs {k} examples for subject '{question.subject}' but the dev set "
-                        f"has {len(pool)}; lower --shots or give a larger dev set.")
+        raise DataError(f"`shots={k}` needs {k} examples for subject '{question.subject}' but the dev set "
+                        f"has {len(pool)}; lower `shots` or give a larger dev set.")
     return pool[:k]
 
 
@@ -337,17 +336,17 @@ class MMLUTask:
                  batch_size: int = DEFAULT_MMLU_BATCH, padding_side: str = "right",
                  max_length: int = HARNESS_DEFAULT_MAX_LENGTH):
         if batch_size < 1:
-            raise LayerLensError(f"--batch-size must be at least 1 (got {batch_size}).")
+            raise LayerLensError(f"`batch_size` must be at least 1 (got {batch_size}).")
         if padding_side not in ("left", "right"):
             raise LayerLensError(f"padding_side must be 'left' or 'right' (got {padding_side!r}).")
         if shots < 0:
-            raise LayerLensError(f"--shots must be 0 or more (got {shots}).")
+            raise LayerLensError(f"`shots` must be 0 or more (got {shots}).")
         self.questions = as_questions(questions)
         if not self.questions:
             raise DataError("No MMLU questions to evaluate; check the data and the subject filter.")
         if shots > 0 and dev is None:
-            raise DataError(f"--shots {shots} needs a dev set of examples (e.g. the hub dataset's dev split "
-                            "or --mmlu-dev FILE).")
+            raise DataError(f"`shots={shots}` needs a dev set of examples (e.g. the hub dataset's dev split "
+                            "or `dev=FILE`).")
         dev_q = as_questions(dev) if dev is not None else ()
         self.shots, self.max_length, self.padding_side = shots, max_length, padding_side
         rows: list[tuple[list[int], list[_Read]]] = []
@@ -406,8 +405,6 @@ class MMLUTask:
 
     def identity(self) -> dict[str, Any]:
         """What is evaluated: the exact token ids of every context and continuation (not the batching)."""
-        from .runs import stable_key
-
         return {"kind": self.kind, "n": len(self.questions), "shots": self.shots,
                 "max_length": self.max_length, "tokens": stable_key(self._prompt_ids),
                 "answers": stable_key([q.answer for q in self.questions])}

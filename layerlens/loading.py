@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
 from .adapters import adapter_for, layer_count, num_layers_of
+from .defaults import DEFAULT_MODEL_ID, default_model_dir
 from .errors import LayerLensError, ResourceError, UnsupportedArchitectureError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class LoadedModel:
 def resolve_device(device: str = "auto") -> str:
     if device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise LayerLensError(f"Device '{device}' was requested but CUDA is not available; use --device cpu.")
+            raise LayerLensError(f"Device '{device}' was requested but CUDA is not available; use `device=cpu`.")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -76,17 +81,16 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
-def _is_hub_id(spec: str) -> bool:
-    """``org/name`` or a bare ``name`` (e.g. ``gpt2``) made of the characters hub ids allow."""
-    import re
+def is_hub_id(spec: str) -> bool:
+    """``org/name``, or a bare ``name`` as the hub still serves (``gpt2``), in the characters hub ids allow.
 
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec) is not None
+    The one rule by which the CLI, the library and the dashboard tell a hub id from a typed path.
+    """
+    return _HUB_ID.fullmatch(spec or "") is not None
 
 
 def resolve_source(spec: str) -> Path | str:
     """A local folder (checked), the bundled default's folder, or a hub id (returned as str)."""
-    from .defaults import DEFAULT_MODEL_ID, default_model_dir
-
     if spec == DEFAULT_MODEL_ID:
         return default_model_dir()
     path = Path(spec).expanduser()
@@ -94,10 +98,10 @@ def resolve_source(spec: str) -> Path | str:
         if not path.is_dir():
             raise LayerLensError(f"'{spec}' is a file; pass the model folder that holds config.json.")
         if not (path / "config.json").exists():
-            raise LayerLensError(f"The folder '{spec}' has no config.json; point --model at a saved "
+            raise LayerLensError(f"The folder '{spec}' has no config.json; point `model` at a saved "
                                  "Hugging Face model folder (save_pretrained output).")
         return path
-    if not _is_hub_id(spec):
+    if not is_hub_id(spec):
         raise LayerLensError(f"Model '{spec}' is neither an existing folder nor a hub id like 'org/name'; "
                              "check the path, or use 'default' for the bundled model.")
     return spec
@@ -130,9 +134,6 @@ def available_bytes(device: str) -> int | None:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the hub endpoint, so an offline user gets an answer in seconds, not minutes."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -145,7 +146,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def _cached_locally(repo_id: str, revision: str | None) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # heavy: only for a hub id
 
         return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
     except Exception:  # noqa: BLE001 - any cache-lookup failure just means "not cached"
@@ -153,7 +154,7 @@ def _cached_locally(repo_id: str, revision: str | None) -> bool:
 
 
 def _load_config(source: Path | str, revision: str | None, trust_remote_code: bool):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy (~1 s): only when loading a model
 
     if isinstance(source, str) and not _cached_locally(source, revision) and not hub_reachable():
         raise LayerLensError(f"Could not load model '{source}': the Hugging Face Hub cannot be reached from "
@@ -172,7 +173,7 @@ def _load_config(source: Path | str, revision: str | None, trust_remote_code: bo
         raise LayerLensError(f"Could not read the config in '{source}': {exc}.") from exc
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise LayerLensError(f"Model '{source}' needs custom code; re-run with --trust-remote-code "
+            raise LayerLensError(f"Model '{source}' needs custom code; re-run with `trust_remote_code` "
                                  "only if you trust its authors.") from exc
         raise LayerLensError(f"Unsupported model config in '{source}': {str(exc).splitlines()[0]}") from exc
 
@@ -184,8 +185,8 @@ def load_model(spec: str = "default", *, revision: str | None = None, dtype: str
 
     ``spec`` is a local folder, a hub id (``org/name``, with ``revision``), or ``default``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy (~1 s): only when loading
+    from transformers.utils import logging as hf_logging  # heavy: as above
 
     hf_logging.disable_progress_bar()
     source = resolve_source(spec)
@@ -203,16 +204,16 @@ def load_model(spec: str = "default", *, revision: str | None = None, dtype: str
         if free is not None and need > 0.9 * free:
             raise ResourceError(
                 f"Loading '{spec}' in {dtype_name(torch_dtype)} needs about {need / 2**30:.1f} GiB but only "
-                f"{free / 2**30:.1f} GiB is free on {dev}; try --dtype bfloat16, a smaller model, or "
-                "--device-map auto.")
+                f"{free / 2**30:.1f} GiB is free on {dev}; try `dtype=bfloat16`, a smaller model, or "
+                "`device_map=auto`.")
     kwargs: dict[str, Any] = dict(revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except torch.OutOfMemoryError as exc:
-        raise ResourceError(f"Out of memory while loading '{spec}'; try --dtype bfloat16 or "
-                            "--device-map auto.") from exc
+        raise ResourceError(f"Out of memory while loading '{spec}'; try `dtype=bfloat16` or "
+                            "`device_map=auto`.") from exc
     except ValueError as exc:
         raise UnsupportedArchitectureError(
             f"'{spec}' (model type '{model_type}') is not a causal LM that transformers can load: "

@@ -25,7 +25,10 @@ import torch
 from .capture import ResidualCapture, reused_buffer
 from .data import TextSet, batches, calibration_tokens, check_seq_len
 from .errors import LayerLensError, ResourceError
+from .loading import max_positions
 from .report import LayerReport
+from .runs import provenance
+from .surgery import private_view
 
 Progress = Callable[[int, int, str], None]
 
@@ -56,11 +59,11 @@ class CaptureConfig:
 
     def validate(self) -> None:
         if self.samples < 1:
-            raise LayerLensError(f"--samples must be at least 1 (got {self.samples}).")
+            raise LayerLensError(f"`samples` must be at least 1 (got {self.samples}).")
         if self.batch_size < 1:
-            raise LayerLensError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+            raise LayerLensError(f"`batch_size` must be at least 1 (got {self.batch_size}).")
         if self.skip_first < 0 or self.skip_first >= self.seq_len:
-            raise LayerLensError(f"--skip-first must be between 0 and --seq-len - 1 = {self.seq_len - 1} "
+            raise LayerLensError(f"`skip_first` must be between 0 and `seq_len` - 1 = {self.seq_len - 1} "
                                  f"(got {self.skip_first}).")
         if self.cka_estimator not in CKA_ESTIMATORS:
             raise LayerLensError(f"Unknown CKA estimator '{self.cka_estimator}'; use minibatch or exact.")
@@ -103,7 +106,7 @@ class _Accumulators:
             if num_states**2 * hidden**2 > EXACT_CKA_MAX_ELEMENTS:
                 raise ResourceError(
                     f"Exact CKA needs {num_states}^2 x {hidden}^2 float64 cross-covariances (too large for "
-                    "this model); use the default --cka minibatch estimator.")
+                    "this model); use the default `cka_estimator=minibatch` estimator.")
             self.feat_sum = torch.zeros(num_states, hidden, **f64)
             self.cross = torch.zeros(num_states, num_states, hidden, hidden, **f64)
 
@@ -132,7 +135,7 @@ class _Accumulators:
             bad = (~finite).nonzero().flatten().tolist()
             raise LayerLensError(
                 f"Non-finite activations (NaN/inf) in residual state h_{bad[0]} (states {bad[:6]}); this is "
-                "usually float16 overflow: re-run with --dtype float32 or bfloat16.")
+                "usually float16 overflow: re-run with `dtype=float32` or bfloat16.")
         norms.clamp_min_(1e-12)
         self.tokens += n_tok
         scratch = self._buffer("scratch", (s, b, w, d), block.device)
@@ -175,8 +178,8 @@ class _Accumulators:
 
     def finish(self) -> dict[str, Any]:
         if self.tokens == 0:
-            raise LayerLensError("No tokens were left to measure (texts shorter than --skip-first?); use "
-                                 "longer texts or a smaller --skip-first.")
+            raise LayerLensError("No tokens were left to measure (texts shorter than `skip_first`?); use "
+                                 "longer texts or a smaller `skip_first`.")
         cosine = (self.cos_sum / self.tokens).clamp(-1.0, 1.0)
         num_layers = self.s - 1
         bi = [1.0 - float(cosine[i, i + 1]) for i in range(num_layers)]
@@ -191,9 +194,6 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
             meta: dict[str, Any] | None = None) -> LayerReport:
     """Run the calibration texts through ``model`` once and return every redundancy metric."""
-    from .loading import max_positions
-    from .runs import provenance
-
     config.validate()
     check_seq_len(config.seq_len, max_positions(model.config))
     token_lists = calibration_tokens(tokenizer, texts, config.samples, config.seq_len)
@@ -202,8 +202,6 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
         else model.config.hidden_size
     started = time.perf_counter()
     total = math.ceil(len(token_lists) / config.batch_size)
-    from .surgery import private_view
-
     # Hooks go on a private view (shared weights, own modules): a model shared with other threads or
     # dashboard sessions never carries them. The backbone alone runs: the LM head's matmul is skipped.
     view = private_view(model)
@@ -219,8 +217,8 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 raise ResourceError(f"Out of memory on {device} at batch size {config.batch_size} and "
-                                    f"seq-len {config.seq_len}; lower --batch-size or --seq-len, or use "
-                                    "--dtype bfloat16.") from exc
+                                    f"seq-len {config.seq_len}; lower `batch_size` or `seq_len`, or use "
+                                    "`dtype=bfloat16`.") from exc
             skip = config.skip_first  # a slice: samples without padding keep the fast, padding-free path
             acc.update(capture.take()[:, :, skip:], batch.attention_mask[:, skip:])
             if progress is not None:

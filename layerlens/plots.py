@@ -1,7 +1,7 @@
 """Plot builders: pure functions that return a plotly ``Figure`` (no streamlit).
 
 The dashboard draws these figures and the CLI / Export page save the very same figures with
-:func:`save_figure`. Conventions for every builder:
+:func:`layerlens.export.save_figure` (which also runs the PNG renderer). Conventions for every builder:
 
 * a title, axis titles with units, and decoder-layer indices 0-based (as in the CLI and ``LayerReport``);
 * hover text that names the layer(s) and the value;
@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
-import os
-import shutil
-import threading
-import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd  # imported before any figure can be built; see below
+import plotly.colors
 import plotly.graph_objects as go
+import plotly.io as pio
+
+from .plans.registry import get_strategy, is_registered
 
 # Plotly converts trace data by looking pandas up in ``sys.modules`` without importing it. When another
 # thread is importing pandas for the first time at that moment (two dashboard sessions on a fresh server),
@@ -37,14 +35,7 @@ import plotly.graph_objects as go
 # attribute 'Series'". Importing pandas with this module means every thread that can build a figure finds
 # pandas complete.
 
-log = logging.getLogger(__name__)
-
-# One color per strategy, stable across figures (sweep curves, markers, legend).
-STRATEGY_COLORS = {
-    "bi": "#1f77b4", "reverse": "#ff7f0e", "sequential": "#2ca02c", "magnitude": "#d62728",
-    "block": "#9467bd", "streamline": "#8c564b", "slm": "#e377c2", "random": "#7f7f7f",
-    "manual": "#17becf",
-}
+# Colours of names that are not registered strategies (e.g. a sweep's "current" plan), stable per name.
 _FALLBACK_COLORS = ("#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 
 STATUS_COLORS = {"kept": "#4c9be8", "removed": "#d9534f", "merged": "#f0ad4e"}
@@ -61,8 +52,6 @@ TEMPLATE = "plotly_white"
 def _template_spec() -> dict[str, Any]:
     """The registered template as plain JSON, resolved once per process (plotly looks it up and re-validates
     it on every ``template=`` assignment otherwise)."""
-    import plotly.io as pio
-
     return pio.templates[TEMPLATE].to_plotly_json()
 
 
@@ -86,8 +75,9 @@ def _figure(data: list[dict[str, Any]], layout: dict[str, Any]) -> go.Figure:
 
 
 def strategy_color(name: str) -> str:
-    if name in STRATEGY_COLORS:
-        return STRATEGY_COLORS[name]
+    """A strategy's colour from the registry, stable across figures (sweep curves, markers, legend)."""
+    if is_registered(name):
+        return get_strategy(name).color
     return _FALLBACK_COLORS[sum(map(ord, name)) % len(_FALLBACK_COLORS)]
 
 
@@ -161,22 +151,6 @@ def _tick_step(n: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def merge_groups(report: Any, kind: str, threshold: float) -> list[tuple[int, ...]]:
-    """The groups of consecutive decoder layers that sliding layer merging (SLM) merges at ``threshold``,
-    comparing layer outputs with ``kind`` (cosine or CKA) -- exactly what the Prune page's SLM mode builds.
-
-    Layer i's output is state h_{i+1}, so a group (a..b) is the square of states a+1..b+1 in the heatmap.
-    """
-    from .plans import slm_plan
-
-    return [tuple(g) for g in slm_plan(report, threshold, criterion=kind).merge]
-
-
-def similar_runs(report: Any, kind: str, threshold: float) -> list[tuple[int, int]]:
-    """State ranges (s, e) outlined on the heatmap: one per :func:`merge_groups` group (s = a+1, e = b+1)."""
-    return [(g[0] + 1, g[-1] + 1) for g in merge_groups(report, kind, threshold)]
-
-
 HEATMAP_KINDS = {"cosine": "Cosine similarity", "cka": "Linear CKA"}
 
 
@@ -185,9 +159,10 @@ def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | Non
     """(L+1)x(L+1) heatmap of residual-state similarity, states h_0..h_L labelled 0..L.
 
     State h_i is the input of decoder layer i (h_L the last layer's output, before the final norm), as in
-    ``LayerReport``. With ``threshold``, the runs of consecutive layers whose outputs are at least that
-    similar -- the groups sliding layer merging collapses (:func:`merge_groups`) -- are outlined. ``groups``
-    (lists of layer indices, e.g. a plan's merge groups) outlines exactly those instead.
+    ``LayerReport``. ``groups`` (lists of consecutive layer indices) are outlined: layer i's output is
+    state h_{i+1}, so a group (a..b) is the square of states a+1..b+1. Pass the groups sliding layer merging
+    collapses at a ``threshold`` (:func:`layerlens.plans.slm.merge_groups`) together with that threshold,
+    which the title then names, or a plan's own merge groups alone.
     """
     if kind not in HEATMAP_KINDS:
         raise ValueError(f"kind must be one of {', '.join(HEATMAP_KINDS)}, got {kind!r}")
@@ -202,19 +177,14 @@ def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | Non
         colorscale=_colorscale("Viridis"), zmin=zmin, zmax=1.0,
         colorbar=dict(title=dict(text=f"{HEATMAP_KINDS[kind]}<br>(unitless)", side="right")),
     )
-    if groups is not None:
-        runs = [(g[0] + 1, g[-1] + 1) for g in groups]
-    elif threshold is not None:
-        runs = similar_runs(report, kind, threshold)
-    else:
-        runs = []
+    runs = [(g[0] + 1, g[-1] + 1) for g in groups or ()]
     shapes = [dict(type="rect", x0=s - 0.5, x1=e + 0.5, y0=s - 0.5, y1=e + 0.5, line=dict(color="red", width=3),
                    fillcolor="rgba(0,0,0,0)", name=f"run {s}-{e}") for s, e in runs]
     head = HEATMAP_KINDS[kind] + " between residual states"
-    if groups is not None:
-        head += f" — {len(runs)} merge group(s) outlined"
-    elif threshold is not None:
+    if threshold is not None:
         head += f" — {len(runs)} run(s) ≥ {threshold:.2f} outlined"
+    elif groups is not None:
+        head += f" — {len(runs)} merge group(s) outlined"
     step = 1 if size <= 20 else 2 if size <= 48 else _tick_step(size)
     layout = _layout(
         title=_title(title or head), height=560,
@@ -230,8 +200,6 @@ def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | Non
 
 def _colorscale(name: str) -> list[list[Any]]:
     """A named sequential colorscale as plotly's validator writes it: [[i / (n - 1), color], ...]."""
-    import plotly.colors
-
     colors = getattr(plotly.colors.sequential, name)
     return [[i / (len(colors) - 1), c] for i, c in enumerate(colors)]
 
@@ -392,92 +360,8 @@ def _layers_text(value: Any) -> str:
     return ", ".join(map(str, items)) if items else "none"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Saving
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _chromium_for_kaleido() -> None:
-    """Kaleido 1.x drives a Chrome; point it at a system Chromium when none is configured."""
-    if os.environ.get("BROWSER_PATH"):
-        return
-    for candidate in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(candidate)
-        if found:
-            os.environ["BROWSER_PATH"] = found
-            return
-
-
-PNG_HINT = ("PNG export needs kaleido>=1 and a Chrome/Chromium: `pip install kaleido` and install "
-            "chromium (or set BROWSER_PATH to a Chrome binary); the HTML file was written.")
-
-
-def png_available() -> bool:
-    """Cheap check (no rendering): kaleido installed and a Chrome/Chromium to drive."""
-    import importlib.util
-
-    _chromium_for_kaleido()
-    return importlib.util.find_spec("kaleido") is not None and bool(os.environ.get("BROWSER_PATH"))
-
-
-_PNG_LOCK = threading.Lock()
-_png_server_started = False
-
-
-def _start_png_server() -> None:
-    """One kaleido browser for the whole process: without it every figure starts (and stops) its own
-    Chromium, 2-6 s each. Kaleido's server answers callers in queue order and is not safe for two at
-    once, so callers hold :data:`_PNG_LOCK` (dashboard sessions export from several threads)."""
-    global _png_server_started
-    if not _png_server_started:
-        import atexit
-
-        import kaleido
-
-        kaleido.start_sync_server(silence_warnings=True)
-        atexit.register(kaleido.stop_sync_server, silence_warnings=True)
-        _png_server_started = True
-
-
-def figure_png_bytes(fig: go.Figure, width: int = 1100, height: int = 650, scale: float = 2.0) -> bytes | None:
-    """The figure as PNG bytes via kaleido, or ``None`` (and a logged hint) when it cannot be rendered."""
-    _chromium_for_kaleido()
-    with _PNG_LOCK:
-        try:
-            _start_png_server()
-            with warnings.catch_warnings():  # plotly passes kaleido options the server already has
-                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-                return fig.to_image(format="png", width=width, height=height, scale=scale)
-        except Exception as exc:  # kaleido missing, no Chrome, sandbox problems: all mean "no PNG"
-            log.warning("%s (%s: %s)", PNG_HINT, type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
-            return None
-
-
-def save_figure(fig: go.Figure, path: str | Path, png: bool = True, width: int = 1100,
-                height: int = 650) -> list[Path]:
-    """Write ``<path>.html`` (always, self-contained) and ``<path>.png`` (when kaleido can render).
-
-    ``path`` is taken without suffix (a ``.html``/``.png`` suffix is stripped). Returns the files
-    written; a missing PNG is logged with :data:`PNG_HINT`. Files are written atomically.
-    """
-    from .runs import atomic_write_bytes, atomic_write_text
-
-    path = Path(path)
-    if path.suffix.lower() in (".html", ".png"):
-        path = path.with_suffix("")
-    written = [atomic_write_text(path.with_name(path.name + ".html"),
-                                 fig.to_html(include_plotlyjs=True, full_html=True))]
-    if png:
-        data = figure_png_bytes(fig, width=width, height=height)
-        if data is not None:
-            written.append(atomic_write_bytes(path.with_name(path.name + ".png"), data))
-    return written
-
-
 __all__ = [
-    "STRATEGY_COLORS", "STATUS_COLORS", "PNG_HINT", "strategy_color", "bar_values", "bi_bar", "merge_groups", "similar_runs",
-    "similarity_heatmap", "layer_strip", "sweep_figure", "save_figure", "figure_png_bytes",
-    "png_available",
+    "STATUS_COLORS", "strategy_color", "bar_values", "bi_bar",
+    "similarity_heatmap", "layer_strip", "sweep_figure",
 ]
 

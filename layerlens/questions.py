@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import defaults
 from .data import read_json, read_utf8
 from .errors import DataError
+from .runs import stable_key
 
 LETTERS = ("A", "B", "C", "D")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -67,8 +69,6 @@ class QuestionSet:
 
     def identity(self) -> dict[str, Any]:
         """What the questions are, for cache keys: the source and a hash of every row."""
-        from .runs import stable_key
-
         return {"source": self.source, "n": len(self.questions),
                 "rows": stable_key([q.to_dict() for q in self.questions])}
 
@@ -219,7 +219,7 @@ def _read_file(path: Path) -> list[Question]:
     if suffix == ".csv":
         return _read_csv(path)
     if suffix == ".parquet":
-        import pandas as pd
+        import pandas as pd  # heavy (~0.3 s): only for .parquet files, not at import
 
         try:
             frame = pd.read_parquet(path)
@@ -241,13 +241,13 @@ def _read_hub(spec: str, split: str) -> list[Question]:
     if name == "cais/mmlu" and config is None:
         config = "all"
     try:
-        import datasets
+        import datasets  # heavy: only for hub datasets
 
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many network/file errors
         raise DataError(f"Could not load hub dataset '{name}' (config {config}, split {split}: "
                         f"{type(exc).__name__}); the hub may be unreachable (offline?): save it as a "
-                        ".jsonl/.csv/.parquet file and pass the file, or use --mmlu default.") from exc
+                        ".jsonl/.csv/.parquet file and pass the file, or use `mmlu=default`.") from exc
     default_subject = config if config not in (None, "all", "default") else None
     return questions_from_records(ds, f"hub:{name}", default_subject=default_subject)
 
@@ -268,7 +268,7 @@ def _filter(questions: list[Question], subjects: list[str] | None, limit: int | 
         questions = [q for q in questions if q.subject in wanted]
     if limit is not None:
         if limit < 1:
-            raise DataError(f"--mmlu-limit must be at least 1 (got {limit}).")
+            raise DataError(f"`limit` must be at least 1 (got {limit}).")
         seen: dict[str, int] = {}
         kept = []
         for q in questions:
@@ -291,12 +291,10 @@ def load_questions(spec: str = "default", *, subjects: str | Sequence[str] | Non
     """
     wanted = parse_subjects(subjects)
     if spec in ("default", "full"):
-        from . import defaults
-
         if spec == "default":
             per_subject = limit if limit is not None else 10
             if per_subject < 1:
-                raise DataError(f"--mmlu-limit must be at least 1 (got {limit}).")
+                raise DataError(f"`limit` must be at least 1 (got {limit}).")
             rows = defaults.load_default_mmlu("default", per_subject=per_subject, seed=seed)
             source = f"default (bundled MMLU test, {per_subject} per subject, seed {seed})"
         else:
@@ -312,7 +310,7 @@ def load_questions(spec: str = "default", *, subjects: str | Sequence[str] | Non
             source = str(path)
             questions = _filter(_read_file(path), wanted, limit, source)
         elif _looks_like_file(spec):
-            raise DataError(f"MMLU file '{spec}' does not exist; check the path (or use --mmlu default).")
+            raise DataError(f"MMLU file '{spec}' does not exist; check the path (or use `mmlu=default`).")
         else:
             name, config, split_in_spec = _parse_hub(spec)
             source = f"hub:{name}" + (f":{config}" if config else "") + f":{split_in_spec or split}"

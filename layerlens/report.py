@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import LayerLensError, check_made_for
+from .runs import atomic_write_text
+
 Matrix = tuple[tuple[float, ...], ...]
 
 
@@ -83,8 +86,6 @@ class LayerReport:
     @classmethod
     def read(cls, path: str | Path, *, num_layers: int | None = None, model_type: str | None = None) -> LayerReport:
         """Load a user-given report.json, refusing a missing/malformed file or one made for another model."""
-        from .errors import LayerLensError
-
         try:
             report = cls.load(path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -94,9 +95,7 @@ class LayerReport:
         if model_type is not None and made_for not in (None, model_type):
             raise LayerLensError(f"The report '{path}' was made on a {made_for} model, not this {model_type} "
                                  "model; analyze this model first.")
-        if num_layers is not None and report.num_layers != num_layers:
-            raise LayerLensError(f"The report '{path}' is for a {report.num_layers}-layer model but the model "
-                                 f"has {num_layers} layers; analyze this model first.")
+        check_made_for(f"The report '{path}'", report.num_layers, num_layers, "; analyze this model first")
         return report
 
     DATA_FIELDS = ("data", "data_description", "samples", "seq_len", "batch_size", "tokens", "skip_first",
@@ -107,8 +106,6 @@ class LayerReport:
         return {k: self.meta.get(k) for k in self.DATA_FIELDS}
 
     def save(self, path: str | Path) -> Path:
-        from .runs import atomic_write_text
-
         path = Path(path)
         if path.suffix != ".json":
             path = path / "report.json"

@@ -13,7 +13,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from .dashboard.tables import current_marker
+from .plans import plan_summary
+from .plans.slm import merge_groups
 from .plots import bi_bar, layer_strip, similarity_heatmap, sweep_figure
+from .runs import atomic_write_text, provenance
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1150px;margin:24px auto;padding:0 16px;
@@ -71,24 +75,20 @@ def build_report_html(report: Any, *, plan: Any = None, model_info: dict[str, An
     ``quick``/``original``: the dashboard's quick before/after numbers (``perplexity``, ``tokens_per_s``,
     ``windows``, ``seq_len``); ``sweep_frame``: a sweep DataFrame; ``reason``: why these layers.
     """
-    from .plans import plan_summary
-    from .runs import provenance
-
     meta = dict(report.meta)
     info = dict(model_info or {})
     model_name = info.get("model") or meta.get("model") or "model"
     figs: list[tuple[str, Any]] = []
     removed = tuple(plan.removed_layers) if plan is not None else ()
     figs.append(("Per-layer Block Influence", bi_bar(report, "bi", highlight=removed)))
-    figs.append(("Cosine similarity", similarity_heatmap(report, "cosine", threshold=threshold)))
-    figs.append(("Linear CKA", similarity_heatmap(report, "cka", threshold=threshold)))
+    for name, kind in (("Cosine similarity", "cosine"), ("Linear CKA", "cka")):
+        groups = merge_groups(report, kind, threshold)
+        figs.append((name, similarity_heatmap(report, kind, threshold=threshold, groups=groups)))
     if plan is not None:
         figs.append(("Plan", layer_strip(plan_summary(plan))))
     if sweep_frame is not None and len(sweep_frame):
         curves = sweep_frame[sweep_frame["strategy"] != "current"]
         def cur(metric: str) -> dict[str, Any] | None:
-            from .dashboard_state import current_marker
-
             return current_marker(sweep_frame, plan, metric)
 
         figs.append(("Perplexity sweep", sweep_figure(curves, "perplexity", current=cur("perplexity"))))
@@ -171,6 +171,4 @@ def build_report_html(report: Any, *, plan: Any = None, model_info: dict[str, An
 
 
 def save_report_html(path: str | Path, report: Any, **kwargs: Any) -> Path:
-    from .runs import atomic_write_text
-
     return atomic_write_text(Path(path), build_report_html(report, **kwargs))

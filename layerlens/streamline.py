@@ -35,8 +35,10 @@ import torch
 import torch.nn as nn
 
 from .adapters import adapter_for, decoder_layers, get_attr, layer_count
+from .data import batches
 from .errors import LayerLensError, PlanError, UnsupportedArchitectureError
-from .plans import PrunePlan
+from .plans.plan import PrunePlan
+from .surgery import apply_plan, renumber, shallow_clone
 
 Progress = Callable[[int, int, str], None]
 KINDS = ("ffn", "layer")
@@ -114,7 +116,7 @@ def span_of(plan: PrunePlan) -> tuple[int, int]:
     if not idx or idx != list(range(idx[0], idx[0] + len(idx))):
         raise PlanError(
             "LLM-Streamline replaces one contiguous span of layers; make the plan with "
-            "--strategy streamline (or block) so the removed layers are consecutive."
+            "`strategy=streamline` (or block) so the removed layers are consecutive."
         )
     return idx[0], len(idx)
 
@@ -134,8 +136,6 @@ def collect_span_data(
     The forward pass stops right after the span, so later layers cost nothing. At most ``max_tokens``
     non-pad tokens are kept (memory: 2 x tokens x hidden floats).
     """
-    from .data import batches
-
     layers = decoder_layers(model)
     if not 0 <= start < start + n <= len(layers) or n < 1:
         raise PlanError(f"The span {start}..{start + n - 1} is not inside the model's {len(layers)} layers.")
@@ -281,7 +281,7 @@ def train_replacement(
             f"The plan is for a {plan.num_layers}-layer model but this model has {layer_count(model)} layers."
         )
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise LayerLensError(f"--epochs must be a positive integer (got {epochs!r}).")
+        raise LayerLensError(f"`epochs` must be a positive integer (got {epochs!r}).")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise LayerLensError(f"The learning rate must be a positive number (got {lr!r}).")
     start, n = span_of(plan)
@@ -360,14 +360,12 @@ def replacement_plan(plan: PrunePlan, replacement: Replacement) -> PrunePlan:
 
 def apply_replacement(model: nn.Module, plan: PrunePlan, replacement: Replacement) -> nn.Module:
     """A NEW model with the span replaced by the trained layer (input untouched, other weights shared)."""
-    from .surgery import _renumber, apply_plan, shallow_clone
-
     rplan = replacement_plan(plan, replacement)
     if rplan.method == "remove":  # n == 1: swap the layer in a clone
         new = apply_plan(model, rplan)
         layers = decoder_layers(new)
         mod = shallow_clone(replacement.layer)
-        _renumber(mod, replacement.start)
+        renumber(mod, replacement.start)
         layers[replacement.start] = mod
         return new
     return apply_plan(model, rplan, replacements={replacement.start: replacement.layer})

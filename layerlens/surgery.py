@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from .adapters import ArchAdapter, adapter_for, decoder_layers, get_attr, mergeable_parts, set_attr
 from .errors import PlanError, UnsupportedArchitectureError
-from .plans import PrunePlan
+from .plans.plan import PrunePlan
 
 # Config lists that may happen to have length L but are not per layer.
 _NOT_PER_LAYER = frozenset(
@@ -130,7 +130,8 @@ def materialize(model: nn.Module) -> nn.Module:
     return model
 
 
-def _renumber(layer: nn.Module, index: int) -> None:
+def renumber(layer: nn.Module, index: int) -> None:
+    """Point every ``layer_idx`` inside ``layer`` at its new position (caches are indexed by it)."""
     for m in layer.modules():
         value = m.__dict__.get("layer_idx")
         if isinstance(value, int) and not isinstance(value, bool):
@@ -362,7 +363,7 @@ def apply_plan(
             mod = merged_layer(model, bases[old], plan.merge_formula)
         else:
             mod = cloned[old]  # type: ignore[index]
-        _renumber(mod, j)
+        renumber(mod, j)
         items.append(mod)
     set_attr(new_model, adapter.layers, nn.ModuleList(items))
     for m in new_model.modules():
@@ -416,7 +417,7 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
     try:
         set_attr(model, adapter.layers, new_list)
         for j, mod in enumerate(new_list):
-            _renumber(mod, j)
+            renumber(mod, j)
         for c, old in saved_cfg:
             for k in old:
                 setattr(c, k, changes[k])

@@ -4,34 +4,29 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.dashboard_state import (
-    DATA_SOURCE_LABELS,
-    DATA_SOURCES,
-    DTYPE_OPTIONS,
-    MAX_UPLOAD_MB,
-    AnalysisSettings,
-    data_root,
-    default_model_spec,
-)
+from layerlens.dashboard.paths import MAX_UPLOAD_MB, data_root, default_model_spec
+from layerlens.dashboard.settings import DATA_SOURCE_LABELS, DATA_SOURCES, DTYPE_OPTIONS, AnalysisSettings
 from layerlens.defaults import DEFAULT_MODEL_ID, DEFAULT_MODEL_LABEL
+from layerlens.metrics import CaptureConfig
+from layerlens.plans.slm import merge_groups
 from layerlens.plots import bi_bar, similarity_heatmap
-from pages import _ui as ui
+from pages._ui import errors, jobs, keys, resources, session, widgets
 
-ui.require_router(__file__)
+session.require_router(__file__)
 
 st.title("Model & data")
 st.caption("Load a causal LM, run calibration text through it once, and measure how much each layer changes "
            "the residual stream. Layer indices are 0-based everywhere, as in the `layerlens` CLI.")
 
 ss = st.session_state
-req = ui.requested_settings()
+req = session.requested_settings()
 server_default = default_model_spec()
 default_label = DEFAULT_MODEL_LABEL if server_default == DEFAULT_MODEL_ID else f"Server default ({server_default})"
 
 # ---- first visit: a quick analysis of the bundled default, no typing ---------------------------------------
-ui.ensure_report(auto=True, quiet=True)
+jobs.ensure_report(auto=True, quiet=True)
 cancel_note = st.empty()  # a fixed slot, like ensure_report's: the widgets below never shift between reruns
-if ss.pop(ui.SS_CANCELLED, False):
+if ss.pop(keys.SS_CANCELLED, False):
     cancel_note.warning("Analysis cancelled; the results on screen (if any) are from the previous analysis.",
                         icon=":material/stop_circle:")
 
@@ -81,15 +76,15 @@ with st.container(border=True):
         if data_src == "default":
             from layerlens.defaults import shakespeare_corpus
 
-            with ui.guarded("reading the bundled corpus"):
+            with errors.guarded("reading the bundled corpus"):
                 st.caption(shakespeare_corpus("calibration").description)
         elif data_src == "upload":
             up = st.file_uploader(f"Text file (.txt, .jsonl, .json, .csv, .parquet; ≤ {MAX_UPLOAD_MB} MB)",
                                   type=["txt", "md", "jsonl", "json", "csv", "parquet"], key="md_upload")
             data = ""
             if up is not None:
-                with ui.guarded("reading the upload"):
-                    info = ui.save_upload(up)
+                with errors.guarded("reading the upload"):
+                    info = resources.save_upload(up)
                     data = f"upload:{info['sha']}"
                     st.caption(f"Uploaded {info['name']} (kept in this session only).")
         elif data_src == "path":
@@ -104,28 +99,29 @@ with st.container(border=True):
             text_field = st.text_input("Text field / column", value="text", key="md_text_field",
                                        persist_state="session")
         s1, s2, s3 = st.columns(3)
-        samples = s1.number_input("Samples", min_value=1, max_value=4096, value=req.samples, step=8,
+        samples = s1.number_input("Samples", min_value=1, max_value=4096, value=req.capture.samples, step=8,
                                   key="md_samples", persist_state="session",
                                   help="Number of calibration texts (more = steadier metrics, slower)")
-        seq_len = s2.number_input("Sequence length", min_value=8, max_value=8192, value=req.seq_len, step=64,
+        seq_len = s2.number_input("Sequence length", min_value=8, max_value=8192, value=req.capture.seq_len, step=64,
                                   key="md_seq_len", persist_state="session", help="Tokens per text")
-        batch = s3.number_input("Batch size", min_value=1, max_value=256, value=req.batch_size, step=1,
+        batch = s3.number_input("Batch size", min_value=1, max_value=256, value=req.capture.batch_size, step=1,
                                 key="md_batch", persist_state="session")
         c1, c2 = st.columns(2)
         cka = c1.radio("CKA estimator", ["minibatch", "exact"], horizontal=True, key="md_cka",
                        persist_state="session",
                        help="minibatch: unbiased HSIC per sample (any model size); exact: feature-space "
                             "(small models only)")
-        skip = c2.number_input("Skip first tokens", min_value=0, max_value=8191, value=req.skip_first, step=1,
+        skip = c2.number_input("Skip first tokens", min_value=0, max_value=8191, value=req.capture.skip_first, step=1,
                                key="md_skip_first", persist_state="session",
                                help="Leave the first N tokens of every sample out of the metrics (they still "
                                     "run as context). 1 drops an attention-sink first token, whose huge norm "
                                     "otherwise dominates CKA (SmolLM2: CKA(h11, h12) 0.03 -> 0.99).")
 
+    capture = CaptureConfig(samples=int(samples), seq_len=int(seq_len), batch_size=int(batch), cka_estimator=cka,
+                            skip_first=int(skip))
     settings = AnalysisSettings(model=model or "", revision=revision, dtype=dtype, device=device,
                                 trust_remote_code=trust, data=data, data_label=data, text_field=text_field,
-                                samples=int(samples), seq_len=int(seq_len), batch_size=int(batch),
-                                cka_estimator=cka, skip_first=int(skip))
+                                capture=capture)
     go = st.button("Analyze", type="primary", key="md_analyze", icon=":material/play_arrow:")
 
 if go:
@@ -134,30 +130,30 @@ if go:
     elif not settings.data:
         st.error("Choose calibration data: upload a file, or type a path or dataset name.", icon=":material/error:")
     else:
-        ui.run_analysis(settings)
+        jobs.run_analysis(settings)
 
 # ---- model card + first look -----------------------------------------------------------------------------
-report = ui.current_report()
-info = ss.get(ui.SS_MODEL_INFO)
+report = session.current_report()
+info = ss.get(keys.SS_MODEL_INFO)
 if report is not None and info is not None:
     st.subheader("Model card")
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}.get(info["dtype"], 4)
     m1, m2, m3, m4, m5 = st.columns(5)
     m1.metric("Architecture", info["architecture"].replace("ForCausalLM", ""), help=info["model_type"])
     m2.metric("Decoder layers", info["num_layers"])
-    m3.metric("Parameters", ui.human_params(info["num_parameters"]))
+    m3.metric("Parameters", widgets.human_params(info["num_parameters"]))
     mb = info["num_parameters"] * bytes_per / 2**20
     m4.metric("Weights in memory", f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.2f} MB")
     m5.metric("Device · dtype", f"{info['device']} · {info['dtype']}")
     st.caption(f"Model `{info['model']}` ({info['source_path']}) · hidden size {info['hidden_size']} · "
                f"max positions {info['max_positions']}")
-    st.caption("Analysis: " + ui.report_caption(report) + f" · {report.meta.get('seconds', '?')} s")
+    st.caption("Analysis: " + widgets.report_caption(report) + f" · {report.meta.get('seconds', '?')} s")
 
     st.subheader("First look")
     f1, f2 = st.columns([1, 1])
     with f1:
-        ui.chart(similarity_heatmap(report, "cosine", threshold=0.9), key="md_heatmap")
+        widgets.chart(similarity_heatmap(report, "cosine", threshold=0.9, groups=merge_groups(report, "cosine", 0.9)), key="md_heatmap")
     with f2:
-        ui.chart(bi_bar(report, "bi"), key="md_bi")
+        widgets.chart(bi_bar(report, "bi"), key="md_bi")
     st.page_link("pages/2_redundancy.py", label="Explore the heatmaps and thresholds on **Redundancy**", icon=":material/grid_on:")
     st.page_link("pages/3_prune.py", label="Choose layers to remove on **Prune**", icon=":material/content_cut:")

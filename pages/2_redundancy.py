@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.plots import bi_bar, merge_groups, similarity_heatmap
-from pages import _ui as ui
+from layerlens.plans.slm import merge_groups
+from layerlens.plots import bi_bar, similarity_heatmap
+from pages._ui import jobs, keys, widgets
 
-ui.require_router(__file__)
-
-st.title("Redundancy")
-report = ui.need_report_or_stop()
-st.caption(ui.report_caption(report))
+report = jobs.report_page(__file__, "Redundancy")
 
 L = report.num_layers
 BAR_LABELS = {"bi": "Block Influence (BI)", "magnitude": "Relative Magnitude", "block_distance": "Block distance"}
@@ -28,9 +25,9 @@ with st.container(border=True):
         block = c2.slider("Block size n (layers)", 1, max(1, L - 1), min(4, max(1, L - 1)), key="rd_block",
                           persist_state="session",
                           help="Angular distance between the input of layer i and the output of layer i+n−1")
-    plan = st.session_state.get(ui.SS_PLAN)
+    plan = st.session_state.get(keys.SS_PLAN)
     highlight = plan.removed_layers if plan is not None else ()
-    ui.chart(bi_bar(report, metric, block_size=block, highlight=highlight), key="rd_bar")
+    widgets.chart(bi_bar(report, metric, block_size=block, highlight=highlight), key="rd_bar")
     lowest = sorted(range(len(report.bi)), key=lambda i: report.bi[i])[:5]
     st.caption(f"Most redundant by BI (lowest first): layers {', '.join(map(str, lowest))}."
                + (f" Red: the current plan's removed layers {list(highlight)}." if highlight else ""))
@@ -47,8 +44,8 @@ with st.container(border=True):
     cols = st.columns(max(1, len(kinds)))
     for col, kind in zip(cols, kinds, strict=False):
         with col:
-            ui.chart(similarity_heatmap(report, kind, threshold=threshold), key=f"rd_heat_{kind}")
             groups = merge_groups(report, kind, threshold)
+            widgets.chart(similarity_heatmap(report, kind, threshold=threshold, groups=groups), key=f"rd_heat_{kind}")
             name = "CKA" if kind == "cka" else "Cosine"
             if groups:
                 text = ", ".join(f"{g[0]}–{g[-1]}" for g in groups)

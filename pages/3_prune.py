@@ -8,30 +8,26 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.dashboard_state import (
+from layerlens.compare import QUICK_WINDOWS
+from layerlens.dashboard.planning import (
     PLAN_MODE_LABELS,
     PLAN_MODES,
-    PRUNE_STRATEGIES,
-    STRATEGY_LABELS,
     PlanSettings,
     build_plan,
     params_after,
 )
+from layerlens.plans import label_of, strategy_names
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
-from pages import _ui as ui
+from pages._ui import errors, jobs, keys, resources, session, widgets
 
-ui.require_router(__file__)
-
-st.title("Prune")
-report = ui.need_report_or_stop()
-st.caption(ui.report_caption(report))
+report = jobs.report_page(__file__, "Prune")
 ss = st.session_state
 L = report.num_layers
-ps = ui.plan_settings()
+ps = session.plan_settings()
 
 shared = None
-with ui.guarded("loading the model"):
-    shared = ui.shared_for_report()
+with errors.guarded("loading the model"):
+    shared = resources.shared_for_report()
 if shared is None:  # the model could not be loaded: nothing to prune
     st.stop()
 
@@ -53,8 +49,9 @@ with st.container(border=True):
     new_ps = ps
     if mode == "strategy":
         c1, c2 = st.columns([1, 2])
-        strategy = c1.selectbox("Strategy", PRUNE_STRATEGIES, format_func=STRATEGY_LABELS.get, key="pr_strategy",
-                                index=PRUNE_STRATEGIES.index(ps.strategy) if ps.strategy in PRUNE_STRATEGIES else 0,
+        choices = strategy_names(on_prune_page=True)
+        strategy = c1.selectbox("Strategy", choices, format_func=label_of, key="pr_strategy",
+                                index=choices.index(ps.strategy) if ps.strategy in choices else 0,
                                 persist_state="session")
         ratio = c2.slider("Pruning ratio (fraction of layers to remove)", 0.0, 0.9, float(ps.ratio), 0.01,
                           key="pr_ratio", persist_state="session", format="%.2f",
@@ -89,13 +86,13 @@ with st.container(border=True):
                                0.01, key="pr_target", persist_state="session", format="%.2f")
         new_ps = PlanSettings(mode="slm", strategy=ps.strategy, ratio=ps.ratio, layers=ps.layers, slm_by=slm_by,
                               threshold=float(threshold), target_ratio=float(target), criterion=criterion)
-    ui.set_plan_settings(new_ps)
+    session.set_plan_settings(new_ps)
 
 # ---- the plan, live ---------------------------------------------------------------------------------------
-plan = ss.get(ui.SS_PLAN)
-with ui.guarded("building the plan"):
+plan = ss.get(keys.SS_PLAN)
+with errors.guarded("building the plan"):
     plan = build_plan(report, new_ps)
-    ss[ui.SS_PLAN] = plan
+    ss[keys.SS_PLAN] = plan
 if plan is None or plan.num_layers != L:
     st.stop()
 
@@ -105,19 +102,19 @@ m1, m2, m3, m4 = st.columns(4)
 m1.metric("Layers", f"{plan.num_layers_after} / {L}", delta=f"-{plan.n_removed}" if plan.n_removed else "0",
           delta_color="off")
 m2.metric("Pruning ratio", f"{plan.ratio:.1%}", help="Layers removed / layers of the model (whole layers)")
-m3.metric("Parameters", ui.human_params(after), delta=f"-{(total - after) / total:.1%}" if after < total else "0",
+m3.metric("Parameters", widgets.human_params(after), delta=f"-{(total - after) / total:.1%}" if after < total else "0",
           delta_color="off", help=f"{total:,} → {after:,}")
 m4.metric("Strategy", plan.strategy)
 st.markdown(f"**Plan:** `{plan.describe()}`")
 from layerlens.plans import plan_summary  # noqa: E402
 
-ui.chart(layer_strip(plan_summary(plan)), key="pr_strip")
+widgets.chart(layer_strip(plan_summary(plan)), key="pr_strip")
 
 if mode == "slm":
-    ui.chart(similarity_heatmap(report, new_ps.criterion, groups=plan.merge), key="pr_heat")
+    widgets.chart(similarity_heatmap(report, new_ps.criterion, groups=plan.merge), key="pr_heat")
 else:
     metric = "magnitude" if mode == "strategy" and new_ps.strategy == "magnitude" else "bi"
-    ui.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="pr_bar", on_select=_on_bar_select,
+    widgets.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="pr_bar", on_select=_on_bar_select,
              selection_mode=("box", "lasso"))
 
 # ---- apply ------------------------------------------------------------------------------------------------
@@ -127,19 +124,19 @@ with st.container(border=True):
                            key="pr_prompt", persist_state="session")
     apply = st.button("Apply plan", type="primary", icon=":material/content_cut:", key="pr_apply", disabled=plan.n_removed == 0,
                       help="Builds the pruned model (a new object; the cached original is untouched) and "
-                           f"measures perplexity on {ui.QUICK_WINDOWS} held-out windows and generation speed.")
+                           f"measures perplexity on {QUICK_WINDOWS} held-out windows and generation speed.")
     if plan.n_removed == 0:
         st.caption("The plan removes no layer yet: move a slider or pick layers.")
     if apply:
-        with ui.guarded("applying the plan"), st.spinner("Pruning and measuring…"):
-            model_key = ui.current_settings().model_key()
-            new_model = ui.apply_only(shared, plan)
-            both = ui.cached_quick_compare(shared, model_key, plan.to_json(), prompt)
+        with errors.guarded("applying the plan"), st.spinner("Pruning and measuring…"):
+            model_key = session.current_settings().model_key()
+            new_model = resources.apply_only(shared, plan)
+            both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt)
             quick, original = both["pruned"], both["original"]
-            ss[ui.SS_PRUNED] = {"plan_json": plan.to_json(), "plan": plan, "model": new_model, "quick": quick,
+            ss[keys.SS_PRUNED] = {"plan_json": plan.to_json(), "plan": plan, "model": new_model, "quick": quick,
                                 "original": original, "prompt": prompt}
 
-    pruned = ss.get(ui.SS_PRUNED)
+    pruned = ss.get(keys.SS_PRUNED)
     if pruned is not None:
         if pruned["plan_json"] != plan.to_json():
             st.info(f"Showing the last applied plan ({pruned['plan'].describe()}); press **Apply plan** to apply "

@@ -8,30 +8,28 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.dashboard_state import STRATEGY_LABELS, current_marker
+from layerlens.dashboard import store
+from layerlens.dashboard.tables import current_marker
+from layerlens.plans import label_of, strategy_names
 from layerlens.plots import sweep_figure
-from pages import _ui as ui
+from pages._ui import errors, jobs, keys, resources, session, widgets
 
-ui.require_router(__file__)
-
-st.title("Evaluate")
-report = ui.need_report_or_stop()
-st.caption(ui.report_caption(report))
+report = jobs.report_page(__file__, "Evaluate")
 ss = st.session_state
 
 shared = None
-with ui.guarded("loading the model"):
-    shared = ui.shared_for_report()
+with errors.guarded("loading the model"):
+    shared = resources.shared_for_report()
 if shared is None:
     st.stop()
 
-STRATS = ("bi", "reverse", "sequential", "magnitude", "block", "streamline", "random")
+STRATS = strategy_names(size="count")  # sized by a ratio alone, from the report or none: one curve each
 RATIOS = tuple(round(0.05 * i, 2) for i in range(0, 15))
 
 with st.container(border=True):
     c1, c2 = st.columns(2)
     strategies = c1.multiselect("Strategies (one curve each)", STRATS, default=["bi", "reverse"],
-                                format_func=STRATEGY_LABELS.get, key="ev_strategies", persist_state="session")
+                                format_func=label_of, key="ev_strategies", persist_state="session")
     ratios = c2.multiselect("Pruning ratios", RATIOS, default=[0.0, 0.1, 0.2, 0.3, 0.4], key="ev_ratios",
                             format_func=lambda r: f"{r:.0%}", persist_state="session")
     d1, d2, d3, d4 = st.columns(4)
@@ -55,10 +53,10 @@ with st.container(border=True):
     b2.caption("Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep again "
                "resumes where it stopped.")
 
-stopped = ss.pop("ll_sweep_stopped", False)
-plan = ui.current_plan(report)
-settings = ui.current_settings()
-sweep_key = ui.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
+stopped = ss.pop(keys.SS_SWEEP_STOPPED, False)
+plan = session.current_plan(report)
+settings = session.current_settings()
+sweep_key = store.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
                          (int(per_subject), tuple(sorted(subjects))) if use_mmlu else 0,
                          plan.to_json() if include_current and plan is not None else "")
 
@@ -66,17 +64,17 @@ if run:
     if not strategies or not ratios:
         st.error("Pick at least one strategy and one ratio.", icon=":material/error:")
     else:
-        with ui.guarded("running the sweep"):
-            frame = ui.run_sweep(shared, report, strategies, ratios, windows=int(windows), seq_len=int(seq_len),
+        with errors.guarded("running the sweep"):
+            frame = jobs.run_sweep(shared, report, strategies, ratios, windows=int(windows), seq_len=int(seq_len),
                                  mmlu_per_subject=int(per_subject) if use_mmlu else 0, subjects=subjects,
                                  current_plan=plan if include_current else None, key=sweep_key)
-            ss[ui.SS_SWEEP] = (sweep_key, frame)
+            ss[keys.SS_SWEEP] = (sweep_key, frame)
 
 # A sweep stopped (Stop, any other widget) or failed: take the points it read back. After a click the
 # stopped run may still be finishing while this one already runs; this waits for it.
-still_busy = not ui.collect_stopped_sweep(sweep_key)
-saved = ss.get(ui.SS_SWEEP)
-frame = saved[1] if saved and saved[0] == sweep_key else ui.load_saved_sweep(sweep_key)
+still_busy = not jobs.collect_stopped_sweep(sweep_key)
+saved = ss.get(keys.SS_SWEEP)
+frame = saved[1] if saved and saved[0] == sweep_key else store.load_sweep(sweep_key)
 if stopped:
     st.warning("Sweep stopped. " + (f"The {len(frame)} point(s) that finished are shown below; all finished "
                                     "points are saved" if frame is not None else "Finished points are saved")
@@ -100,10 +98,10 @@ def _current(metric: str):
 
 f1, f2 = st.columns(2)
 with f1:
-    ui.chart(sweep_figure(curves, "perplexity", current=_current("perplexity")), key="ev_ppl")
+    widgets.chart(sweep_figure(curves, "perplexity", current=_current("perplexity")), key="ev_ppl")
 with f2:
     if frame["mmlu_accuracy"].notna().any():
-        ui.chart(sweep_figure(curves, "mmlu_accuracy", current=_current("mmlu_accuracy")), key="ev_mmlu_fig")
+        widgets.chart(sweep_figure(curves, "mmlu_accuracy", current=_current("mmlu_accuracy")), key="ev_mmlu_fig")
     elif frame.attrs.get("stopped") and use_mmlu:
         st.info("No MMLU evaluation finished before the Stop (perplexity runs first).")
     else:

@@ -7,42 +7,32 @@ import json
 
 import streamlit as st
 
-from layerlens.dashboard_state import (
-    current_marker,
-    matrix_csv,
-    metrics_frame,
-    params_after,
-    plan_reason,
+from layerlens.dashboard import store
+from layerlens.dashboard.planning import params_after, plan_reason
+from layerlens.dashboard.tables import current_marker, matrix_csv, metrics_frame
+from layerlens.export import (
+    PNG_HINT,
+    figure_png_bytes,
+    png_available,
     safe_name,
-    save_pruned_model,
+    save_figure,
+    save_pruned,
     zip_folder,
 )
-from layerlens.plans import REPORT_STRATEGIES
-from layerlens.plots import (
-    PNG_HINT,
-    bi_bar,
-    figure_png_bytes,
-    layer_strip,
-    png_available,
-    save_figure,
-    similarity_heatmap,
-    sweep_figure,
-)
-from pages import _ui as ui
+from layerlens.plans import get_strategy
+from layerlens.plans.slm import merge_groups
+from layerlens.plots import bi_bar, layer_strip, similarity_heatmap, sweep_figure
+from pages._ui import errors, jobs, keys, resources, session
 
-ui.require_router(__file__)
-
-st.title("Export")
-report = ui.need_report_or_stop()
-st.caption(ui.report_caption(report))
+report = jobs.report_page(__file__, "Export")
 ss = st.session_state
-plan = ui.current_plan(report)
-pruned = ss.get(ui.SS_PRUNED)
-sweep_state = ss.get(ui.SS_SWEEP)
+plan = session.current_plan(report)
+pruned = ss.get(keys.SS_PRUNED)
+sweep_state = ss.get(keys.SS_SWEEP)
 sweep_frame = sweep_state[1] if sweep_state else None
-info = ss.get(ui.SS_MODEL_INFO) or {}
+info = ss.get(keys.SS_MODEL_INFO) or {}
 short = safe_name(str(info.get("model", "model")).rstrip("/").split("/")[-1], "model")
-exports = ui.runs_dir().parent / "exports"
+exports = store.exports_dir()
 
 # ---- pruned model -----------------------------------------------------------------------------------------
 st.subheader("Pruned model")
@@ -60,17 +50,18 @@ with st.container(border=True):
         st.caption(f"Saved on the server under `{target}` in plain transformers format "
                    "(config.json, model.safetensors, tokenizer) plus `layerlens_plan.json`.")
         if st.button("Save pruned model", type="primary", icon=":material/save:", key="ex_save_model"):
-            with ui.guarded("saving the pruned model"), st.spinner("Saving…"):
-                shared = ui.shared_for_report()
-                with ui.model_lock(shared):
+            with errors.guarded("saving the pruned model"), st.spinner("Saving…"):
+                shared = resources.shared_for_report()
+                with resources.model_lock(shared):
                     # Provenance records only what the plan used: the report's data for a report plan.
-                    used = report.data_provenance() if p.strategy in REPORT_STRATEGIES else {"data": None}
-                    save_pruned_model(pruned["model"], shared.tokenizer, p, target,
-                                      meta={"source_model": info, **used})
-                ss["ll_saved_model"] = str(target)
+                    from_report = get_strategy(p.strategy).uses_report(p.params.get("criterion"))
+                    used = report.data_provenance() if from_report else {"data": None}
+                    save_pruned(pruned["model"], shared.tokenizer, p, target, report=report if from_report else None,
+                                meta={"source_model": info, **used})
+                ss[keys.SS_SAVED_MODEL] = str(target)
                 st.success(f"Saved to {target}. Load it with AutoModelForCausalLM.from_pretrained('{target}').",
                            icon=":material/check_circle:")
-        saved = ss.get("ll_saved_model")
+        saved = ss.get(keys.SS_SAVED_MODEL)
         if saved:
             from pathlib import Path
 
@@ -89,8 +80,8 @@ highlight = plan.removed_layers if plan is not None else ()
 figures = {
     "bi": ("Block Influence per layer", lambda: bi_bar(report, "bi", highlight=highlight)),
     "magnitude": ("Relative Magnitude per layer", lambda: bi_bar(report, "magnitude", highlight=highlight)),
-    "cosine": ("Cosine heatmap", lambda: similarity_heatmap(report, "cosine", threshold=0.9)),
-    "cka": ("CKA heatmap", lambda: similarity_heatmap(report, "cka", threshold=0.9)),
+    "cosine": ("Cosine heatmap", lambda: similarity_heatmap(report, "cosine", threshold=0.9, groups=merge_groups(report, "cosine", 0.9))),
+    "cka": ("CKA heatmap", lambda: similarity_heatmap(report, "cka", threshold=0.9, groups=merge_groups(report, "cka", 0.9))),
 }
 if plan is not None:
     from layerlens.plans import plan_summary
@@ -114,7 +105,7 @@ with st.container(border=True):
                            file_name=f"{key}.png", mime="image/png", key=f"ex_fig_png_{key}", on_click="ignore",
                            disabled=not png_ok, help=None if png_ok else PNG_HINT)
     if st.button("Save all figures on the server (HTML + PNG)", key="ex_save_figs", icon=":material/image:"):
-        with ui.guarded("saving the figures"), st.spinner("Rendering…"):
+        with errors.guarded("saving the figures"), st.spinner("Rendering…"):
             folder = exports / f"{short}-figures"
             written = []
             for key, (_, make) in figures.items():
@@ -152,7 +143,7 @@ with st.container(border=True):
 st.subheader("One-page HTML report")
 
 
-_shared = ui.shared_for_report()
+_shared = resources.shared_for_report()
 _before = _shared.info.num_parameters if _shared else None
 _after = params_after(_before, _shared.per_layer_params, plan) if _shared and plan is not None else None
 _applied = pruned if pruned is not None and plan is not None and pruned["plan_json"] == plan.to_json() else None

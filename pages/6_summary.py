@@ -7,46 +7,49 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from layerlens.dashboard_state import mmlu_comparison, params_after, plan_reason, to_query
+from layerlens.dashboard.mmlu import mmlu_comparison
+from layerlens.dashboard.planning import params_after, plan_reason
+from layerlens.dashboard.share import to_query
 from layerlens.plans import plan_summary
+from layerlens.plans.slm import merge_groups
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
-from pages import _ui as ui
+from pages._ui import errors, jobs, keys, resources, session, widgets
 
-ui.require_router(__file__)
+session.require_router(__file__)
 
 ss = st.session_state
-report = ui.need_report_or_stop()
-info = ss.get(ui.SS_MODEL_INFO) or {}
+report = jobs.need_report_or_stop()
+info = ss.get(keys.SS_MODEL_INFO) or {}
 shared = None
-with ui.guarded("loading the model"):
-    shared = ui.shared_for_report()
+with errors.guarded("loading the model"):
+    shared = resources.shared_for_report()
 if shared is None:
     st.stop()
 
-plan = ui.current_plan(report)
+plan = session.current_plan(report)
 if plan is None:
     st.stop()
 
-model_name = ui._short_model(info.get("model", "model"))
+model_name = widgets.short_model(info.get("model", "model"))
 st.title(f"{model_name}: {plan.num_layers_after} of {plan.num_layers} layers kept")
-st.caption(ui.report_caption(report))
+st.caption(widgets.report_caption(report))
 
 # ---- quality and speed (cached per model + plan: a shared link reuses them) ------------------------------
-pruned = ss.get(ui.SS_PRUNED)
+pruned = ss.get(keys.SS_PRUNED)
 quick = original = None
 if pruned is not None and pruned["plan_json"] == plan.to_json():
     quick, original, prompt = pruned["quick"], pruned["original"], pruned["prompt"]
 elif plan.n_removed > 0:
     prompt = "The king said to his daughter,"
-    with ui.guarded("measuring the pruned model"), st.spinner("Measuring perplexity and speed (a few seconds)…"):
-        key = ui.current_settings().model_key()
-        both = ui.cached_quick_compare(shared, key, plan.to_json(), prompt)
+    with errors.guarded("measuring the pruned model"), st.spinner("Measuring perplexity and speed (a few seconds)…"):
+        key = session.current_settings().model_key()
+        both = resources.cached_quick_compare(shared, key, plan.to_json(), prompt)
         quick, original = both["pruned"], both["original"]
 
 
 def _frames() -> list:
-    saved = ss.get(ui.SS_SWEEP)
-    return ([saved[1]] if saved else []) + ui.saved_sweeps_for(report)
+    saved = ss.get(keys.SS_SWEEP)
+    return ([saved[1]] if saved else []) + jobs.saved_sweeps_for(report)
 
 
 total = shared.info.num_parameters
@@ -54,7 +57,7 @@ after = params_after(total, shared.per_layer_params, plan)
 c1, c2, c3, c4, c5 = st.columns(5)
 c1.metric("Layers removed", f"{plan.n_removed} of {plan.num_layers}", delta=f"-{plan.ratio:.0%} depth",
           delta_color="off")
-c2.metric("Parameters", ui.human_params(after), delta=f"-{(total - after) / total:.1%} ({ui.human_params(total)})",
+c2.metric("Parameters", widgets.human_params(after), delta=f"-{(total - after) / total:.1%} ({widgets.human_params(total)})",
           delta_color="off")
 if quick and original and original["tokens_per_s"] > 0:
     c3.metric("Generation speed", f"{quick['tokens_per_s']:.1f} tok/s",
@@ -83,18 +86,18 @@ with st.container(border=True):
     st.markdown(f"**Removed:** layers {', '.join(map(str, plan.removed_layers)) or 'none'} "
                 f"· strategy **{plan.strategy}**")
     st.markdown(plan_reason(report, plan))
-    ui.chart(layer_strip(plan_summary(plan)), key="sm_strip")
+    widgets.chart(layer_strip(plan_summary(plan)), key="sm_strip")
 
 f1, f2 = st.columns(2)
 with f1:
     if plan.strategy == "slm":
         crit = plan.params.get("criterion", "cka")
-        ui.chart(similarity_heatmap(report, crit, groups=plan.merge), key="sm_heat")
+        widgets.chart(similarity_heatmap(report, crit, groups=plan.merge), key="sm_heat")
     else:
-        ui.chart(similarity_heatmap(report, "cosine", threshold=0.9), key="sm_heat")
+        widgets.chart(similarity_heatmap(report, "cosine", threshold=0.9, groups=merge_groups(report, "cosine", 0.9)), key="sm_heat")
 with f2:
     metric = "magnitude" if plan.strategy == "magnitude" else "bi"
-    ui.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="sm_bar")
+    widgets.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="sm_bar")
 
 if quick and original:
     g1, g2 = st.columns(2)
@@ -106,8 +109,8 @@ if quick and original:
         st.text(prompt + quick["generation"])
 
 # ---- share ------------------------------------------------------------------------------------------------
-settings = ui.current_settings()
-query = urlencode(to_query(settings, ui.plan_settings()))
+settings = session.current_settings()
+query = urlencode(to_query(settings, session.plan_settings()))
 base = ""
 try:
     base = (st.context.url or "").split("?")[0]

@@ -83,3 +83,21 @@ def open_app(app_env):
         return at
 
     return factory
+
+
+@pytest.fixture
+def toy_strategy():
+    """A strategy registered for the test only: the k highest even-indexed layers (no built-in does this).
+    Registering it is all it takes to appear in the CLI, the dashboard and sweeps."""
+    from layerlens.plans import Strategy, register, unregister
+    from layerlens.plans.ranking import removal
+    from layerlens.plans.registry import RATIO
+
+    def highest_even(req, k, params):
+        return tuple(sorted(range(0, req.num_layers, 2))[::-1][:k])
+
+    entry = register(Strategy("every_other_top", "Every other layer, from the top (toy)", "#123456",
+                              "the k highest even layers (a test strategy)", removal(highest_even),
+                              lambda report, plan: "Toy rule.", params=(RATIO,)))
+    yield entry
+    unregister(entry.name)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, load_from_args
+from ..runs import default_runs_dir, stable_key
 
 
 def format_table(report) -> str:
@@ -25,8 +26,6 @@ def format_table(report) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runs import default_runs_dir, stable_key
-
     loaded = load_from_args(args)
     report = analyze_from_args(args, loaded)
     path = report.save(Path(args.out) / "report.json")

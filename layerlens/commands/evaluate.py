@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import surgery
 from ..cli import add_model_args, add_runs_arg, cli_progress, load_from_args
+from ..data import load_texts
+from ..errors import LayerLensError
+from ..evaluation import DEFAULT_MMLU_BATCH, DEFAULT_PPL_BATCH, DEFAULT_SEQ_LEN, mmlu, perplexity
+from ..plans import PrunePlan
+from ..questions import load_dev, load_questions
+from ..runs import atomic_write_json, default_runs_dir, provenance, stable_key
 
 SWEEP_DEFAULT_MMLU_LIMIT = 2
 """Questions per subject of the bundled set in a sweep when no --mmlu-limit is given (114 questions), so a
@@ -17,8 +24,6 @@ point takes seconds on a CPU. `eval` uses the whole default subset (570). The sa
 def add_eval_args(p: argparse.ArgumentParser, *, seq_len: bool = True, mmlu_limit: int | None = None,
                   max_windows: int = 0) -> None:
     """Perplexity and MMLU options shared by ``eval`` and ``sweep`` (same defaults, same numbers)."""
-    from ..evaluation import DEFAULT_MMLU_BATCH, DEFAULT_PPL_BATCH, DEFAULT_SEQ_LEN
-
     g = p.add_argument_group("perplexity")
     g.add_argument("--ppl-data", default="default",
                    help="'default' (bundled Shakespeare evaluation plays, disjoint from the calibration plays), "
@@ -53,10 +58,6 @@ def _off(value: str | None) -> bool:
 
 def eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Texts, questions and dev examples named by the eval args (None where switched off)."""
-    from ..data import load_texts
-    from ..errors import LayerLensError
-    from ..questions import load_dev, load_questions
-
     texts = None if _off(args.ppl_data) else load_texts(args.ppl_data, role="eval", field=args.text_field)
     questions = dev = None
     if not _off(args.mmlu):
@@ -71,18 +72,12 @@ def eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import mmlu, perplexity
-    from ..runs import atomic_write_json, default_runs_dir, provenance, stable_key
-
     inputs = eval_inputs(args)
     loaded = load_from_args(args)
     model, plan = loaded.model, None
     if args.plan:
-        from ..plans import PrunePlan
-        from ..surgery import apply_plan
-
         plan = PrunePlan.read(args.plan, num_layers=loaded.info.num_layers)
-        model = apply_plan(model, plan)
+        model = surgery.apply_plan(model, plan)
     out: dict[str, Any] = {"perplexity": None, "perplexity_details": None, "mmlu": None,
                            "plan": plan.to_dict() if plan else None}
     t0 = time.perf_counter()

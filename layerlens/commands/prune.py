@@ -14,42 +14,44 @@ failure leaves nothing half-written. Indices are 0-based.
 from __future__ import annotations
 
 import argparse
-import math
-import re
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, cli_progress, load_from_args
+from .. import surgery
+from ..cli import (
+    add_data_args,
+    add_model_args,
+    add_runs_arg,
+    analyze_from_args,
+    cli_progress,
+    load_from_args,
+    print_json,
+)
+from ..data import calibration_tokens, check_seq_len, load_texts
 from ..errors import LayerLensError, PlanError
+from ..export import save_pruned
 from ..plans import (
     MERGE_FORMULAS,
-    REPORT_STRATEGIES,
-    SLM_CRITERIA,
-    STRATEGIES,
+    PLAN_FILE,
     PrunePlan,
+    get_strategy,
     make_plan,
+    parse_layers,
     plan_summary,
+    strategies,
+    strategy_names,
 )
+from ..plans.registry import RATIO, THRESHOLD
+from ..report import LayerReport
+from ..runs import atomic_write_json, default_runs_dir, provenance, stable_key
+from ..streamline import apply_replacement, replacement_plan, train_replacement
 
-PLAN_FILE = "layerlens_plan.json"
-
+# CLI destination of each strategy parameter whose flag is not simply --<name>.
+PARAM_DEST = {"m": "laco_m", "interval": "laco_interval"}
+# Parameters every strategy gets through make_plan's own arguments, not as options.
+SIZE_PARAMS = ("ratio", "n", "threshold", "seed")
 
 # -- argument parsing (all checks happen before the model is loaded) -----------------------------------------
-def parse_indices(text: str, flag: str = "--remove") -> tuple[int, ...]:
-    """'3,5,7' -> (3, 5, 7); ranges 'a-b' are inclusive ('4-6' -> 4, 5, 6)."""
-    out: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise PlanError(
-                f"{flag} takes comma-separated 0-based layer indices or inclusive ranges like "
-                f"3,5,7 or 4-6 (got '{text}')."
-            )
-        lo = int(m.group(1))
-        out.extend(range(lo, int(m.group(2) or lo) + 1))
-    return tuple(out)
-
-
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse inconsistent or out-of-range arguments with one sentence, before any work."""
     chosen = [
@@ -67,46 +69,49 @@ def _check_args(args: argparse.Namespace) -> None:
             "Choose exactly one of --remove, --merge, --plan or --strategy "
             f"(got {', '.join(chosen) or 'none'})."
         )
-    if args.ratio is not None and (not math.isfinite(args.ratio) or not 0.0 <= args.ratio < 1.0):
+    if args.ratio is not None and not RATIO.in_range(args.ratio):
         raise PlanError(
-            f"--ratio {args.ratio} is outside [0, 1); give e.g. 0.25 to remove a quarter of the layers."
+            f"--ratio {args.ratio} is outside {RATIO.range_text()}; give e.g. 0.25 to remove a quarter of the layers."
         )
-    if args.threshold is not None and (
-        not math.isfinite(args.threshold) or not -1.0 <= args.threshold <= 1.0
-    ):
-        raise PlanError(f"--threshold {args.threshold} is outside [-1, 1]; give e.g. 0.9.")
-    s = args.strategy
-    if s is None:
+    if args.threshold is not None and not THRESHOLD.in_range(args.threshold):
+        raise PlanError(f"--threshold {args.threshold} is outside {THRESHOLD.range_text()}; give e.g. 0.9.")
+    if args.strategy is None:
         if args.ratio is not None or args.n is not None or args.threshold is not None:
             raise PlanError("--ratio, --n and --threshold go with --strategy.")
         return
-    if s in ("slm",):
+    entry = get_strategy(args.strategy)
+    s = entry.name
+    if entry.size == "threshold_or_ratio":
         if (args.threshold is None) == (args.ratio is None):
-            raise PlanError("--strategy slm needs exactly one of --threshold or --ratio (target ratio).")
-        if args.criterion == "output" and args.threshold is None:
-            raise PlanError("--criterion output needs --threshold (a target ratio needs a report criterion).")
-    elif s == "laco":
+            raise PlanError(f"--strategy {s} needs exactly one of --threshold or --ratio (target ratio).")
+        if args.criterion in entry.forward_criteria and args.threshold is None:
+            raise PlanError(f"--criterion {args.criterion} needs --threshold (a target ratio needs a report "
+                            "criterion).")
+    elif entry.size == "threshold":
         if args.threshold is None or args.ratio is not None or args.n is not None:
-            raise PlanError("--strategy laco needs --threshold (and no --ratio or --n).")
+            raise PlanError(f"--strategy {s} needs --threshold (and no --ratio or --n).")
     else:
         if args.threshold is not None:
             raise PlanError(f"--strategy {s} takes --ratio or --n, not --threshold.")
         if (args.ratio is None) == (args.n is None):
             raise PlanError(f"--strategy {s} needs exactly one of --ratio or --n.")
-    if getattr(args, "replace", "none") != "none" and s not in ("streamline", "block"):
+    if getattr(args, "replace", "none") != "none" and not entry.contiguous:
+        spans = strategy_names(contiguous=True)
         raise PlanError(
-            "--replace trains one layer for a contiguous span; use it with --strategy streamline (or block)."
+            f"--replace trains one layer for a contiguous span; use it with --strategy {spans[-1]}"
+            f"{''.join(f' (or {o})' for o in spans[:-1])}."
         )
 
 
-def _needs_report(args: argparse.Namespace) -> bool:
-    return args.strategy in REPORT_STRATEGIES and not (args.strategy == "slm" and args.criterion == "output")
+def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The strategy's own parameters (criterion, formula, keep_last, laco's m, ...) from their flags."""
+    entry = get_strategy(args.strategy)
+    dests = {p.name: PARAM_DEST.get(p.name, p.name) for p in entry.params if p.name not in SIZE_PARAMS}
+    return {name: getattr(args, dest) for name, dest in dests.items() if hasattr(args, dest)}
 
 
 def _calibration(args: argparse.Namespace, loaded: Any) -> tuple[list[list[int]], dict[str, Any]]:
     """The calibration token lists the data args give, and their provenance (what was actually used)."""
-    from ..data import calibration_tokens, check_seq_len, load_texts
-
     check_seq_len(args.seq_len, loaded.info.max_positions)
     texts = load_texts(args.data, role="calibration", field=args.text_field)
     tokens = calibration_tokens(loaded.tokenizer, texts, args.samples, args.seq_len)
@@ -121,8 +126,6 @@ def _calibration(args: argparse.Namespace, loaded: Any) -> tuple[list[list[int]]
 
 
 def _load_report(args: argparse.Namespace, loaded: Any):
-    from ..report import LayerReport
-
     if args.report:
         return LayerReport.read(args.report, num_layers=loaded.info.num_layers,
                                 model_type=loaded.info.model_type)
@@ -141,53 +144,22 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, d
         plan = PrunePlan.read(args.plan_file, num_layers=L)
         return plan, None, None
     if args.remove:
-        return make_plan("manual", None, layers=parse_indices(args.remove), num_layers=L), None, None
+        return make_plan("manual", None, layers=parse_layers(args.remove), num_layers=L), None, None
     if args.merge:
-        groups = [parse_indices(g, "--merge") for g in args.merge]
+        groups = [parse_layers(g) for g in args.merge]
         return make_plan("manual", None, merge=groups, formula=args.formula, num_layers=L), None, None
     s = args.strategy
-    if s == "slm" and args.criterion == "output":
-        from ..plans import slm_output_plan
-
-        plan, data = _probed_plan(slm_output_plan, args, loaded, keep_last=args.keep_last)
+    options = _strategy_options(args)
+    entry = get_strategy(s)
+    if entry.uses_data(options.get("criterion")):  # forward passes on the calibration data
+        tokens, data = _calibration(args, loaded)
+        plan = make_plan(s, None, threshold=args.threshold, model=loaded.model, tokenizer=loaded.tokenizer,
+                         token_lists=tokens, batch_size=args.batch_size, progress=cli_progress(s), **options)
         return plan, None, data
-    if s == "laco":
-        from ..plans import laco_plan
-
-        plan, data = _probed_plan(laco_plan, args, loaded, m=args.laco_m, interval=args.laco_interval)
-        return plan, None, data
-    report = _load_report(args, loaded) if _needs_report(args) else None
-    if s == "slm":
-        plan = make_plan(
-            "slm",
-            report,
-            threshold=args.threshold,
-            ratio=args.ratio,
-            criterion=args.criterion,
-            keep_last=args.keep_last,
-            formula=args.formula,
-        )
-    else:
-        plan = make_plan(s, report, ratio=args.ratio, n=args.n, seed=args.seed, num_layers=L)
+    report = _load_report(args, loaded) if entry.uses_report(options.get("criterion")) else None
+    plan = make_plan(s, report, ratio=args.ratio, n=args.n, threshold=args.threshold, seed=args.seed,
+                     num_layers=L, **options)
     return plan, report, report.data_provenance() if report is not None else None
-
-
-def _probed_plan(
-    plan_fn: Any, args: argparse.Namespace, loaded: Any, **options: Any
-) -> tuple[PrunePlan, dict[str, Any]]:
-    """A plan from forward passes on the calibration data (slm --criterion output, laco), and that data."""
-    tokens, data = _calibration(args, loaded)
-    plan = plan_fn(
-        loaded.model,
-        loaded.tokenizer,
-        tokens,
-        args.threshold,
-        formula=args.formula,
-        batch_size=args.batch_size,
-        progress=cli_progress(args.strategy),
-        **options,
-    )
-    return plan, data
 
 
 def format_plan(plan: PrunePlan) -> str:
@@ -217,8 +189,6 @@ def _check_out(out: Path, loaded: Any) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from ..cli import print_json
-
     _check_args(args)
     loaded = load_from_args(args)
     plan, _, _ = build_plan(args, loaded)
@@ -230,9 +200,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from ..runs import atomic_dir, atomic_write_json, default_runs_dir, provenance, stable_key
-    from ..surgery import apply_plan
-
     _check_args(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -243,8 +210,6 @@ def run_prune(args: argparse.Namespace) -> int:
     replacement = None
     replacement_data = None
     if args.replace != "none":
-        from ..streamline import apply_replacement, replacement_plan, train_replacement
-
         tokens, replacement_data = _calibration(args, loaded)
         replacement_data["seed"] = args.seed
         replacement = train_replacement(
@@ -263,7 +228,7 @@ def run_prune(args: argparse.Namespace) -> int:
         model = apply_replacement(loaded.model, plan, replacement)
         plan = replacement_plan(plan, replacement)
     else:
-        model = apply_plan(loaded.model, plan)
+        model = surgery.apply_plan(loaded.model, plan)
     # Provenance records only what was used: no calibration fields for a plan made without data.
     meta = provenance(
         model=loaded.info.model,
@@ -279,16 +244,7 @@ def run_prune(args: argparse.Namespace) -> int:
     )
     if replacement_data is not None:
         meta["replacement_data"] = replacement_data
-    record = {
-        "plan": plan.to_dict(),
-        "summary": plan_summary(plan),
-        "report": report.to_dict() if report is not None else None,
-        "meta": meta,
-    }
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / PLAN_FILE, record)
+    record = save_pruned(model, loaded.tokenizer, plan, out, report=report, meta=meta)
     runs = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     key = stable_key({"model": loaded.info.model, "revision": loaded.info.revision, "plan": plan.to_dict()})
     atomic_write_json(runs / "prune" / f"{key}.json", {**record, "out": str(out)})
@@ -319,7 +275,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a plan JSON (from `layerlens plan --json` or a layerlens_plan.json)",
     )
-    g.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "manual"], default=None)
+    g.add_argument("--strategy", choices=[e.name for e in strategies() if e.size != "layers"], default=None,
+                   help="; ".join(f"{e.name}: {e.summary}" for e in strategies() if e.size != "layers"))
     g.add_argument(
         "--ratio",
         type=float,
@@ -332,7 +289,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--criterion",
-        choices=SLM_CRITERIA,
+        choices=get_strategy("slm").param("criterion").choices,
         default="cka",
         help="slm similarity: cka/cosine from the report (instant) or output (forward passes)",
     )

@@ -11,12 +11,17 @@ import argparse
 from pathlib import Path
 
 from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, cli_progress, load_from_args
+from ..errors import LayerLensError
+from ..export import save_figure
+from ..plans import get_strategy
+from ..plans import strategies as registry_entries
+from ..report import LayerReport
+from ..runs import atomic_write_json, atomic_write_text, default_runs_dir, stable_key
+from ..sweep import DEFAULT_MAX_WINDOWS, DEFAULT_RATIOS, DEFAULT_STRATEGIES, SweepConfig, sweep
 from .evaluate import SWEEP_DEFAULT_MMLU_LIMIT, add_eval_args, eval_inputs
 
 
 def _floats(text: str) -> list[float]:
-    from ..errors import LayerLensError
-
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
@@ -28,23 +33,22 @@ def _floats(text: str) -> list[float]:
 
 
 def _strategies(text: str) -> list[str]:
-    from ..errors import LayerLensError
-    from ..plans import STRATEGIES
-
+    allowed = _sweepable()
     names = [s.strip().lower() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STRATEGIES or s == "manual"]
+    unknown = [s for s in names if s not in allowed]
     if not names or unknown:
         raise LayerLensError(f"Unknown strategy {', '.join(unknown) or text!r}; choose from "
-                             f"{', '.join(s for s in STRATEGIES if s != 'manual')}.")
+                             f"{', '.join(allowed)}.")
     return names
 
 
+def _sweepable() -> tuple[str, ...]:
+    """Strategies a ratio alone sizes (so they have a curve against the pruning ratio)."""
+    return tuple(e.name for e in registry_entries() if e.sweepable)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..plans import REPORT_STRATEGIES
-    from ..plots import save_figure, sweep_figure
-    from ..report import LayerReport
-    from ..runs import atomic_write_json, atomic_write_text, default_runs_dir, stable_key
-    from ..sweep import sweep
+    from ..plots import sweep_figure  # heavy: pandas (~0.3 s), only for a sweep, not at CLI start
 
     strategies, ratios = _strategies(args.strategies), _floats(args.ratios)
     inputs = eval_inputs(args)
@@ -54,18 +58,19 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         report = LayerReport.read(args.report, num_layers=loaded.info.num_layers,
                                   model_type=loaded.info.model_type)
-    elif any(s in REPORT_STRATEGIES for s in strategies):
+    elif any(get_strategy(s).uses_report() for s in strategies):
         report = analyze_from_args(args, loaded)
         report.save(out / "report.json")
     runs = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     info = loaded.info
-    frame = sweep(loaded.model, loaded.tokenizer, report, strategies, ratios, ppl_texts=inputs["texts"],
-                  questions=inputs["questions"], seq_len=args.seq_len, max_windows=inputs["max_windows"],
-                  ppl_batch_size=args.ppl_batch_size, mmlu_batch_size=args.mmlu_batch_size, shots=args.shots,
-                  dev=inputs["dev"], reuse=not args.no_reuse, cache_bytes=int(args.cache_gb * 2**30),
-                  runs_dir=runs, model_id={"model": info.model, "revision": info.revision}, seed=args.seed,
-                  progress=cli_progress("sweep"))
-    meta = dict(frame.attrs["meta"])
+    config = SweepConfig(strategies=strategies, ratios=ratios, seq_len=args.seq_len,
+                         max_windows=inputs["max_windows"], ppl_batch_size=args.ppl_batch_size,
+                         mmlu_batch_size=args.mmlu_batch_size, shots=args.shots, reuse=not args.no_reuse,
+                         cache_bytes=int(args.cache_gb * 2**30), seed=args.seed)
+    result = sweep(loaded.model, loaded.tokenizer, report, config, ppl_texts=inputs["texts"],
+                   questions=inputs["questions"], dev=inputs["dev"], runs_dir=runs,
+                   model_id={"model": info.model, "revision": info.revision}, progress=cli_progress("sweep"))
+    frame, meta = result.frame, dict(result.meta)
     meta.update(model=info.model, revision=info.revision, dtype=info.dtype, device=info.device,
                 data=inputs["texts"].source if inputs["texts"] is not None else None,
                 samples=args.samples if report is not None and not args.report else None,
@@ -95,14 +100,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..sweep import DEFAULT_MAX_WINDOWS, DEFAULT_RATIOS, DEFAULT_STRATEGIES
-
     p = sub.add_parser("sweep", help="perplexity and MMLU against the pruning ratio, one curve per strategy")
     add_model_args(p)
     add_data_args(p)  # calibration data for the report (its --seq-len is also the perplexity window)
     p.add_argument("--report", default=None, help="use this report.json instead of analysing the model")
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                   help="comma-separated: bi, reverse, sequential, magnitude, random, block, streamline, slm")
+                   help=f"comma-separated: {', '.join(_sweepable())}")
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
                    help="comma-separated fractions of layers to remove, e.g. 0,0.1,0.2,0.3,0.4")
     add_eval_args(p, seq_len=False, mmlu_limit=SWEEP_DEFAULT_MMLU_LIMIT, max_windows=DEFAULT_MAX_WINDOWS)

@@ -55,7 +55,7 @@ def test_save_pruned_model_reloads_with_transformers(app, tmp_path):
 
 
 def test_html_report_has_figures_and_provenance(app):
-    from layerlens.dashboard_state import PlanSettings, build_plan, plan_reason
+    from layerlens.dashboard.planning import PlanSettings, build_plan, plan_reason
     from layerlens.report_html import build_report_html
 
     app.run()

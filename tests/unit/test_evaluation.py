@@ -23,7 +23,7 @@ from layerlens.evaluation import (
 from layerlens.loading import load_model
 from layerlens.questions import Question, load_dev, load_questions, parse_subjects
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 MMLU_FILE = DATA / "mmlu_sample.jsonl"
 
 
@@ -105,7 +105,7 @@ def test_shots_are_first_n_of_subject_never_the_question_itself(questions):
     same = [q for q in qs if q.subject == first.subject]
     assert select_shots(first, qs, 2) == same[1:3]
     assert select_shots(same[3], qs, 2) == same[0:2]
-    with pytest.raises(DataError, match="--shots 50"):
+    with pytest.raises(DataError, match="`shots=50`"):
         select_shots(first, qs, 50)
 
 

@@ -36,7 +36,7 @@ def test_out_of_memory_during_analysis_names_the_fix(tiny_llama, sample_texts, m
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(lm.model.base_model, "forward", boom)
-    with pytest.raises(ResourceError, match="lower --batch-size or --seq-len"):
+    with pytest.raises(ResourceError, match="lower `batch_size` or `seq_len`"):
         analyze(lm.model, lm.tokenizer, TextSet(tuple(sample_texts), "t", "t"), CaptureConfig(samples=2))
 
 
@@ -56,7 +56,7 @@ def test_remote_code_needs_explicit_opt_in(tiny_llama, tmp_path):
     (custom / "config.json").write_text(json.dumps(cfg))
     marker = tmp_path / "executed"
     (custom / "configuration_x.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    with pytest.raises(LayerLensError, match="--trust-remote-code"):
+    with pytest.raises(LayerLensError, match="`trust_remote_code`"):
         loading.load_model(str(custom), device="cpu")
     assert not marker.exists()
 
@@ -131,15 +131,15 @@ def _untouched(model, num_layers: int) -> bool:
 
 def test_shared_model_is_never_seen_hooked_or_half_pruned(tiny_llama, sample_texts):
     """Another user of the same model object (a second dashboard session) must see it intact mid-work."""
-    from layerlens.sweep import sweep
+    from layerlens.sweep import SweepConfig, sweep
 
     lm = loading.load_model(str(tiny_llama), device="cpu")
     texts = TextSet(tuple(sample_texts), "t", "t")
     seen: list[bool] = []
     rep = analyze(lm.model, lm.tokenizer, texts, CaptureConfig(samples=4, seq_len=32, batch_size=2),
                   progress=lambda *a: seen.append(_untouched(lm.model, 6)))
-    sweep(lm.model, lm.tokenizer, rep, ["bi", "reverse"], [0.0, 0.34], ppl_texts=texts, seq_len=32,
-          max_windows=2, progress=lambda *a: seen.append(_untouched(lm.model, 6)))
+    sweep(lm.model, lm.tokenizer, rep, SweepConfig(["bi", "reverse"], [0.0, 0.34], seq_len=32, max_windows=2),
+          ppl_texts=texts, progress=lambda *a: seen.append(_untouched(lm.model, 6)))
     assert seen and all(seen)
 
 

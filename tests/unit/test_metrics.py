@@ -263,5 +263,5 @@ def test_skip_first_leaves_those_tokens_out_of_every_metric(tiny_llama, texts):
 
 @pytest.mark.parametrize("skip", [-1, 48])
 def test_skip_first_out_of_range_is_refused(skip):
-    with pytest.raises(Exception, match="--skip-first"):
+    with pytest.raises(Exception, match="`skip_first`"):
         CaptureConfig(seq_len=48, skip_first=skip).validate()

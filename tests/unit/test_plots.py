@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
-import plotly.graph_objects as go
 import pytest
 
-import layerlens.plots as plots
-from layerlens.plots import save_figure, sweep_figure
+from layerlens.plots import sweep_figure
 
 
 def _sweep_frame() -> pd.DataFrame:
@@ -49,22 +47,14 @@ def test_sweep_figure_empty_frame_and_bad_metric():
         sweep_figure(_sweep_frame(), "accuracy")
 
 
-def test_save_figure_writes_html(tmp_path, monkeypatch):
-    import layerlens.plots as plots
-
-    monkeypatch.setattr(plots, "figure_png_bytes", lambda *a, **k: None)  # PNG path tested in the browser suite
-    paths = save_figure(sweep_figure(_sweep_frame()), tmp_path / "sweep.png")
-    assert paths == [tmp_path / "sweep.html"]
-    assert "plotly" in paths[0].read_text()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Per-layer bars, heatmaps, layer strip
 # ---------------------------------------------------------------------------------------------------------
 
 import numpy as np  # noqa: E402
 
-from layerlens.plots import bi_bar, layer_strip, similar_runs, similarity_heatmap  # noqa: E402
+from layerlens.plans.slm import merge_groups, similar_runs  # noqa: E402
+from layerlens.plots import bi_bar, layer_strip, similarity_heatmap  # noqa: E402
 from layerlens.report import LayerReport  # noqa: E402
 
 
@@ -99,7 +89,7 @@ def test_heatmap_shape_labels_and_ticks(kind):
 def test_heatmap_outlines_runs_above_threshold():
     rep = _report()
     assert similar_runs(rep, "cosine", 0.9) == [(2, 5)]  # outputs of layers 1..4 = states 2..5
-    fig = similarity_heatmap(rep, "cosine", threshold=0.9)
+    fig = similarity_heatmap(rep, "cosine", threshold=0.9, groups=merge_groups(rep, "cosine", 0.9))
     rects = [s for s in fig.layout.shapes if s.type == "rect"]
     assert len(rects) == 1
     assert (rects[0].x0, rects[0].x1, rects[0].y0, rects[0].y1) == (1.5, 5.5, 1.5, 5.5)
@@ -157,7 +147,7 @@ def _every_figure():
     yield layer_strip(plan_summary(PrunePlan(num_layers=30, method="remove", remove=(1, 5, 9))))
     yield layer_strip(plan_summary(slm_plan(rep, 0.9)))
     yield layer_strip([])
-    yield similarity_heatmap(rep, "cka", threshold=0.9)
+    yield similarity_heatmap(rep, "cka", threshold=0.9, groups=merge_groups(rep, "cka", 0.9))
     yield similarity_heatmap(rep, "cosine")
     yield sweep_figure(_sweep_frame(), "perplexity", current={"ratio": 0.2, "value": 15.0})
     yield sweep_figure(_sweep_frame(), "mmlu_accuracy", current=0.1)
@@ -184,26 +174,3 @@ def test_builders_do_not_share_mutable_state():
     a, b = layer_strip([{"layer": 0, "status": "kept"}]), layer_strip([{"layer": 0, "status": "kept"}])
     a.layout.template.layout.font.size = 40
     assert b.layout.template.layout.font.size != 40
-
-
-@pytest.mark.skipif(not plots.png_available(), reason="needs kaleido and a Chromium")
-def test_png_export_from_several_threads_gets_each_its_own_figure():
-    """One kaleido browser serves the process; callers from several threads (dashboard sessions) must
-    each get their own figure's PNG, byte-identical to a serial render."""
-    import hashlib
-    import threading
-
-    figs = [go.Figure(go.Bar(y=[i, 2, 3]), layout=dict(title=f"figure {i}")) for i in range(4)]
-
-    def digest(fig):
-        return hashlib.sha256(plots.figure_png_bytes(fig, width=300, height=200, scale=1)).hexdigest()
-
-    serial = [digest(f) for f in figs]
-    assert len(set(serial)) == 4
-    threaded: list[str | None] = [None] * 4
-    workers = [threading.Thread(target=lambda i=i: threaded.__setitem__(i, digest(figs[i]))) for i in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert threaded == serial

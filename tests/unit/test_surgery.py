@@ -18,7 +18,8 @@ from layerlens.adapters import adapter_for, decoder_layers
 from layerlens.data import TextSet, calibration_tokens
 from layerlens.errors import PlanError
 from layerlens.loading import load_model
-from layerlens.plans import PrunePlan, laco_plan, slm_output_plan
+from layerlens.plans import PrunePlan
+from layerlens.plans.probed import laco_plan, slm_output_plan
 from layerlens.surgery import apply_plan, pruned
 
 

@@ -1,0 +1,63 @@
+"""The Prune page's plan settings and what they turn into: :class:`PlanSettings` -> a
+:class:`~layerlens.plans.PrunePlan` (no forward pass), the one-sentence reason, the parameter count after."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LayerLensError
+from ..plans import get_strategy, make_plan, slm_plan
+
+PLAN_MODES = ("strategy", "manual", "slm")
+PLAN_MODE_LABELS = {"strategy": "Strategy + ratio", "manual": "Pick layers by hand", "slm": "Sliding merge (SLM)"}
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    mode: str = "strategy"  # strategy | manual | slm
+    strategy: str = "bi"
+    ratio: float = 0.25
+    layers: tuple[int, ...] = ()
+    slm_by: str = "threshold"  # threshold | ratio
+    threshold: float = 0.9
+    target_ratio: float = 0.25
+    criterion: str = "cka"
+
+    def label(self) -> str:
+        if self.mode == "manual":
+            return "manual"
+        if self.mode == "slm":
+            return "slm"
+        return self.strategy
+
+
+def build_plan(report: Any, ps: PlanSettings) -> Any:
+    """The :class:`~layerlens.plans.PrunePlan` the Prune page's widgets describe (instant: no forward pass)."""
+    if ps.mode == "manual":
+        return make_plan("manual", report, layers=tuple(sorted(set(ps.layers))))
+    if ps.mode == "slm":
+        if ps.slm_by == "ratio":
+            return slm_plan(report, target_ratio=ps.target_ratio, criterion=ps.criterion)
+        return slm_plan(report, ps.threshold, criterion=ps.criterion)
+    if ps.mode != "strategy":
+        raise LayerLensError(f"Unknown plan mode '{ps.mode}'; use one of {', '.join(PLAN_MODES)}.")
+    return make_plan(ps.strategy, report, ratio=ps.ratio)
+
+
+def plan_reason(report: Any, plan: Any) -> str:
+    """One sentence saying why these layers were chosen (for the Summary page), from the strategy's entry."""
+    if not plan.removed_layers:
+        return "No layer is removed by this plan."
+    return get_strategy(plan.strategy).reason(report, plan)
+
+
+def params_after(total: int, per_layer: Sequence[int], plan: Any) -> int:
+    """Parameter count of the pruned model: the removed layers' parameters are gone (merges keep one)."""
+    return int(total - sum(per_layer[i] for i in plan.removed_layers))
+
+
+__all__ = [
+    "PLAN_MODES", "PLAN_MODE_LABELS", "PlanSettings", "build_plan", "params_after", "plan_reason",
+]

@@ -1,0 +1,90 @@
+"""Where the dashboard keeps its results, so a restart, a share link or another session finds them:
+``<runs>/dashboard/analyze/<settings key>.json`` (reports), ``<runs>/dashboard/sweeps/<sweep key>.csv`` (+ a
+``.json`` saying which model and analysis the sweep belongs to), and ``<runs>/exports/`` (saved models,
+figures). ``<runs>`` is :func:`layerlens.runs.default_runs_dir`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..runs import atomic_write_json, atomic_write_text, default_runs_dir, stable_key
+from .settings import AnalysisSettings
+
+
+def runs_dir() -> Path:
+    """The dashboard's own part of the runs folder."""
+    return default_runs_dir() / "dashboard"
+
+
+def exports_dir() -> Path:
+    """Where the Export page writes saved models and figures."""
+    return runs_dir().parent / "exports"
+
+
+def analysis_path(key: str) -> Path:
+    """The persisted report of the analysis named ``key`` (:meth:`AnalysisSettings.key`)."""
+    return runs_dir() / "analyze" / f"{key}.json"
+
+
+def sweep_key(settings: AnalysisSettings | None, report: Any, strategies: Iterable[str], ratios: Iterable[float],
+              windows: int, seq_len: int, mmlu: Any, current_plan_json: str) -> str:
+    """The name of a sweep: model, analysis, strategies, ratios, evaluation settings and the current plan."""
+    return stable_key({"model": settings.model_key() if settings else None, "report": report.meta.get("created"),
+                       "strategies": sorted(strategies), "ratios": sorted(float(r) for r in ratios),
+                       "windows": windows, "seq_len": seq_len, "mmlu": mmlu,
+                       "current": current_plan_json})
+
+
+def sweep_csv(key: str) -> Path:
+    return runs_dir() / "sweeps" / f"{key}.csv"
+
+
+def load_sweep(key: str) -> pd.DataFrame | None:
+    """The saved sweep ``key`` (None when there is none or it cannot be read)."""
+    path = sweep_csv(key)
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_csv(path, dtype={"removed_layers": str})
+    except (OSError, ValueError):
+        return None
+    frame["removed_layers"] = frame["removed_layers"].fillna("")
+    return frame
+
+
+def save_sweep(key: str, frame: pd.DataFrame, *, model_key: Sequence[Any] | None, report_created: Any,
+               strategies: Iterable[str], ratios: Iterable[float]) -> None:
+    """Persist a finished sweep and which model (:meth:`AnalysisSettings.model_key`) and analysis it ran on."""
+    atomic_write_text(sweep_csv(key), frame.to_csv(index=False))
+    atomic_write_json(sweep_csv(key).with_suffix(".json"), {
+        "model_key": list(model_key) if model_key is not None else None,
+        "report_created": report_created, "strategies": list(strategies),
+        "ratios": [float(r) for r in ratios]})
+
+
+def saved_sweeps(model_key: Sequence[Any], report_created: Any) -> list[pd.DataFrame]:
+    """Every saved sweep of this model and analysis, newest first."""
+    want = [list(model_key), report_created]
+    folder = runs_dir() / "sweeps"
+    out = []
+    for meta_path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if [meta.get("model_key"), meta.get("report_created")] == want:
+            frame = load_sweep(meta_path.stem)
+            if frame is not None:
+                out.append(frame)
+    return out
+
+
+__all__ = [
+    "analysis_path", "exports_dir", "load_sweep", "runs_dir", "save_sweep", "saved_sweeps", "sweep_csv",
+    "sweep_key",
+]

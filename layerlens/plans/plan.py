@@ -1,0 +1,357 @@
+"""The pruning plan type: which layers go and how, as a frozen, JSON-round-trippable dataclass.
+
+A :class:`PrunePlan` either *removes* layers (``method="remove"``) or *merges* groups of consecutive
+layers, each group collapsing into one layer that sits at the group's lowest index, the *base*
+(``method="merge"``). Indices are 0-based everywhere and always recorded explicitly.
+
+This module knows nothing of how plans are chosen (see :mod:`layerlens.plans.registry` and the strategy
+modules) and runs no model, so :mod:`layerlens.surgery` can import it without a circle.
+
+Ratio -> count: ``k = round(ratio * L)`` with Python's ``round`` (half to even), so the plan's
+:attr:`PrunePlan.ratio` is the *actual* ratio ``k / L``; the requested one is kept in
+``params["target_ratio"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PlanError, check_made_for
+from .registry import is_registered, strategy_names
+
+METHODS = ("remove", "merge")
+MERGE_FORMULAS = ("task_vector", "keep_top", "mean")
+PLAN_FILE = "layerlens_plan.json"
+
+def _as_index(x: Any, what: str) -> int:
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        raise PlanError(f"Layer index {x!r} in {what} is not an integer; give 0-based integer indices.")
+    return int(x.__index__())
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Which layers of an ``num_layers``-layer model disappear, and how (see module docstring).
+
+    * ``remove``: 0-based indices to delete (``method="remove"``); stored sorted.
+    * ``merge``: groups of consecutive 0-based indices (``method="merge"``); each group becomes ONE layer
+      at the group's lowest index (the base). Stored sorted.
+    * ``merge_formula`` (for attention + MLP parameters; norms always keep the base's):
+      ``task_vector`` -- theta_base + sum_{j != base} (theta_j - theta_base), from the ORIGINAL weights
+      (the SLM/LaCo papers' formula); ``keep_top`` -- the group's top layer's weights, which is what the
+      published SLM and LaCo scripts actually compute (they update the base in place inside that sum);
+      ``mean`` -- the plain average over the group.
+
+    Construction validates (raises :class:`PlanError` with one sentence) and normalises lists to tuples.
+    """
+
+    num_layers: int
+    method: str
+    remove: tuple[int, ...] = ()
+    merge: tuple[tuple[int, ...], ...] = ()
+    merge_formula: str = "task_vector"
+    strategy: str = "manual"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
+            raise PlanError(f"num_layers must be an integer (got {self.num_layers!r}).")
+        if self.method not in METHODS:
+            raise PlanError(f"Unknown plan method '{self.method}'; use 'remove' or 'merge'.")
+        if isinstance(self.remove, (str, bytes)) or isinstance(self.merge, (str, bytes)):
+            raise PlanError("remove and merge must be lists of integer indices, not strings.")
+        remove = tuple(_as_index(i, "remove") for i in self.remove)
+        groups = []
+        for g in self.merge:
+            if isinstance(g, (str, bytes)) or not isinstance(g, Sequence):
+                raise PlanError(f"Merge group {g!r} is not a list of consecutive layer indices.")
+            groups.append(tuple(_as_index(i, "a merge group") for i in g))
+        object.__setattr__(self, "remove", remove)
+        object.__setattr__(self, "merge", tuple(groups))
+        if not isinstance(self.params, dict):
+            raise PlanError("params must be a dict of strategy parameters.")
+        object.__setattr__(self, "params", _jsonable(self.params))  # JSON-safe, so round trips compare equal
+        self.validate()
+        object.__setattr__(self, "remove", tuple(sorted(remove)))
+        object.__setattr__(self, "merge", tuple(sorted(tuple(sorted(g)) for g in groups)))
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def validate(self) -> None:
+        """Raise :class:`PlanError` (one clear sentence) unless the plan is usable."""
+        n = self.num_layers
+        if n < 1:
+            raise PlanError(f"The plan is for an empty model ({n} layers); a model needs at least one layer.")
+        if self.method not in METHODS:
+            raise PlanError(f"Unknown plan method '{self.method}'; use 'remove' or 'merge'.")
+        if self.merge_formula not in MERGE_FORMULAS:
+            raise PlanError(
+                f"Unknown merge formula '{self.merge_formula}'; use one of {', '.join(MERGE_FORMULAS)}."
+            )
+        if not is_registered(self.strategy):
+            raise PlanError(f"Unknown strategy '{self.strategy}'; use one of {', '.join(strategy_names())}.")
+        if self.method == "remove" and self.merge:
+            raise PlanError("A 'remove' plan cannot also have merge groups; use method='merge' for merges.")
+        if self.method == "merge" and self.remove:
+            raise PlanError("A 'merge' plan cannot also remove layers; make two plans instead.")
+        seen: set[int] = set()
+        for i in self.remove:
+            if not 0 <= i < n:
+                raise PlanError(f"Layer index {i} is out of range for a {n}-layer model (valid: 0..{n - 1}).")
+            if i in seen:
+                raise PlanError(f"Layer index {i} is listed twice; give each layer once.")
+            seen.add(i)
+        for g in self.merge:
+            if len(g) < 2:
+                raise PlanError(
+                    f"Merge group {list(g)} has fewer than two layers; a merge needs two or more."
+                )
+            for i in g:
+                if not 0 <= i < n:
+                    raise PlanError(
+                        f"Layer index {i} in merge group {list(g)} is out of range for a "
+                        f"{n}-layer model (valid: 0..{n - 1})."
+                    )
+            if len(set(g)) != len(g):
+                raise PlanError(f"Merge group {list(g)} lists a layer twice; give each layer once.")
+            s = sorted(g)
+            if s != list(range(s[0], s[0] + len(s))):
+                raise PlanError(
+                    f"Merge group {list(g)} is not consecutive; a group must be adjacent layers "
+                    "like [4, 5, 6]."
+                )
+            if seen & set(g):
+                raise PlanError(
+                    f"Merge group {list(g)} overlaps another group; each layer can be in one group only."
+                )
+            seen.update(g)
+        removed = len(self.remove) if self.method == "remove" else sum(len(g) - 1 for g in self.merge)
+        if removed >= n:
+            raise PlanError(f"The plan removes all {n} layers; keep at least one layer.")
+        if not 0.0 <= removed / n < 1.0:  # pragma: no cover - implied by the checks above
+            raise PlanError(f"The pruning ratio {removed / n:.3f} is outside [0, 1).")
+
+    # -- derived views -------------------------------------------------------------------------------
+    @property
+    def removed_layers(self) -> tuple[int, ...]:
+        """Every layer index that disappears (for merges: each group's layers except its base)."""
+        if self.method == "remove":
+            return self.remove
+        return tuple(sorted(i for g in self.merge for i in g[1:]))
+
+    @property
+    def n_removed(self) -> int:
+        return len(self.removed_layers)
+
+    @property
+    def ratio(self) -> float:
+        """Layers removed / layers of the model (the actual ratio, after rounding to whole layers)."""
+        return self.n_removed / self.num_layers
+
+    @property
+    def kept_layers(self) -> tuple[int, ...]:
+        """Original indices of the layers of the pruned model, in order (merge bases included)."""
+        gone = set(self.removed_layers)
+        return tuple(i for i in range(self.num_layers) if i not in gone)
+
+    @property
+    def merge_bases(self) -> dict[int, tuple[int, ...]]:
+        """base index -> its whole group."""
+        return {g[0]: g for g in self.merge}
+
+    @property
+    def layer_map(self) -> dict[int, int | None]:
+        """Original index -> index in the pruned model, or None for a layer that disappears."""
+        new = {old: j for j, old in enumerate(self.kept_layers)}
+        return {i: new.get(i) for i in range(self.num_layers)}
+
+    @property
+    def num_layers_after(self) -> int:
+        return self.num_layers - self.n_removed
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Fields plus derived ``ratio``, ``n_removed``, ``removed_layers``, ``kept_layers`` (for readers)."""
+        return {
+            "num_layers": self.num_layers,
+            "method": self.method,
+            "remove": list(self.remove),
+            "merge": [list(g) for g in self.merge],
+            "merge_formula": self.merge_formula,
+            "strategy": self.strategy,
+            "params": _jsonable(self.params),
+            "ratio": self.ratio,
+            "n_removed": self.n_removed,
+            "removed_layers": list(self.removed_layers),
+            "kept_layers": list(self.kept_layers),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
+        try:
+            return cls(
+                num_layers=d["num_layers"],
+                method=d.get("method", "remove"),
+                remove=tuple(d.get("remove", ())),
+                merge=tuple(tuple(g) for g in d.get("merge", ())),
+                merge_formula=d.get("merge_formula", "task_vector"),
+                strategy=d.get("strategy", "manual"),
+                params=dict(d.get("params", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise PlanError(
+                f"Not a valid pruning plan ({type(exc).__name__}: {exc}); expected the JSON "
+                "written by PrunePlan.to_json."
+            ) from exc
+
+    @classmethod
+    def read(cls, path: str | Path, *, num_layers: int | None = None) -> PrunePlan:
+        """A user-given plan file (or a `layerlens prune` output folder), refusing what cannot be replayed."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlanError(f"Could not read the plan file '{path}' ({exc.strerror}); check the path.") from exc
+        plan = cls.from_json(text)
+        if plan.params.get("replacement"):
+            raise PlanError(f"The plan in '{path}' replaced layers with a trained layer that a plan cannot "
+                            "rebuild; use the pruned model folder it was saved with instead.")
+        check_made_for(f"The plan in '{path}'", plan.num_layers, num_layers, "", PlanError)
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str) -> PrunePlan:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"The plan is not valid JSON ({exc.msg}, line {exc.lineno}).") from exc
+        if isinstance(obj, dict) and "plan" in obj and "num_layers" not in obj:
+            obj = obj["plan"]  # a layerlens_plan.json
+        if not isinstance(obj, dict):
+            raise PlanError("The plan JSON must be an object with num_layers, method, remove/merge.")
+        return cls.from_dict(obj)
+
+    def describe(self) -> str:
+        """One line for humans: strategy, what goes, resulting depth."""
+        what = (
+            f"remove {list(self.remove)}"
+            if self.method == "remove"
+            else f"merge {[list(g) for g in self.merge]} ({self.merge_formula})"
+        )
+        return (
+            f"{self.strategy}: {what} -> {self.num_layers_after}/{self.num_layers} layers "
+            f"(ratio {self.ratio:.3f})"
+        )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def plan_summary(plan: PrunePlan) -> list[dict[str, Any]]:
+    """Per original layer (the dashboard's layer strip).
+
+    ``{"layer": i, "status": "kept" | "removed" | "merged", "into": j | None, "new_index": k | None}``:
+    every layer of a merge group (its base included) is ``"merged"`` with ``into`` = the group's base
+    index in the ORIGINAL numbering; ``new_index`` is the layer's position in the pruned model.
+    """
+    bases = {i: g[0] for g in plan.merge for i in g}
+    lmap = plan.layer_map
+    out = []
+    for i in range(plan.num_layers):
+        if i in bases:
+            status, into = "merged", bases[i]
+        elif lmap[i] is None:
+            status, into = "removed", None
+        else:
+            status, into = "kept", None
+        out.append({"layer": i, "status": status, "into": into, "new_index": lmap[i]})
+    return out
+
+
+def check_ratio(ratio: float) -> float:
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, (int, float))
+        or not math.isfinite(ratio)
+        or not 0.0 <= ratio < 1.0
+    ):
+        raise PlanError(
+            f"The pruning ratio {ratio!r} is outside [0, 1); give e.g. 0.25 to remove a quarter "
+            "of the layers."
+        )
+    return float(ratio)
+
+
+def check_threshold(threshold: float) -> float:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+        or not -1.0 <= threshold <= 1.0
+    ):
+        raise PlanError(f"The similarity threshold {threshold!r} is outside [-1, 1]; give e.g. 0.9.")
+    return float(threshold)
+
+
+def ratio_to_count(ratio: float, num_layers: int) -> int:
+    """``round(ratio * L)`` (Python's round: half to even); refuses a count that removes every layer."""
+    k = round(check_ratio(ratio) * num_layers)
+    if k >= num_layers:
+        raise PlanError(
+            f"A ratio of {ratio} removes all {num_layers} layers after rounding; use a smaller ratio."
+        )
+    return k
+
+
+
+_LAYER_ITEM = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, ...]:
+    """``"3, 5-7"`` (commas and/or spaces; ranges inclusive, low to high) -> (3, 5, 6, 7), sorted.
+
+    The one parser of layer lists, for the CLI, the share URL and the dashboard. A layer listed twice is
+    refused (a typo more often than an intent); with ``num_layers``, so is an index outside 0..L-1.
+    """
+    out: list[int] = []
+    for part in re.split(r"[,\s]+", str(text or "").strip()):
+        if not part:
+            continue
+        m = _LAYER_ITEM.fullmatch(part)
+        if not m:
+            raise PlanError(f"'{part}' is not a layer index or range; write comma-separated 0-based indices "
+                            "or inclusive ranges, e.g. 3,5-7.")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise PlanError(f"The range '{part}' runs backwards; write it low to high, e.g. {hi}-{lo}.")
+        out.extend(range(lo, hi + 1))
+    for i in sorted(out):
+        if num_layers is not None and i >= num_layers:
+            raise PlanError(f"Layer {i} is out of range; this model has layers 0..{num_layers - 1}.")
+    if len(set(out)) != len(out):
+        twice = sorted({i for i in out if out.count(i) > 1})
+        raise PlanError(f"Layer {twice[0]} is listed twice; give each layer once.")
+    return tuple(sorted(out))

@@ -1,0 +1,57 @@
+"""Errors at the UI boundary: a user error is one ``st.error`` sentence (never a traceback), and the
+results already on screen stay."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import streamlit as st
+
+from layerlens.cli import FLAGS
+from layerlens.errors import LayerLensError, for_interface
+
+log = logging.getLogger("layerlens.dashboard")
+
+# Library messages name parameters in backticks (`seq_len`); the dashboard shows them as it always has, by
+# the CLI's flag names (tests/app pin "seq-len"). Widget labels instead would be a visible change.
+PARAMETER_NAMES = FLAGS
+
+
+@contextlib.contextmanager
+def guarded(what: str) -> Iterator[None]:
+    """Show a user error as one ``st.error`` sentence (never a traceback); earlier results stay on screen."""
+    try:
+        yield
+    except LayerLensError as exc:
+        st.error(for_interface(str(exc), PARAMETER_NAMES), icon=":material/error:")
+    except MemoryError:
+        st.error(f"Out of memory while {what}; lower the samples, sequence length or batch size, or load the "
+                 "model in bfloat16.", icon=":material/error:")
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback in the UI
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            st.error(f"Out of memory while {what}; lower the samples, sequence length or batch size, or load "
+                     "the model in bfloat16.", icon=":material/error:")
+        else:
+            log.error("unexpected error while %s:\n%s", what, traceback.format_exc())
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            st.error(f"Unexpected error while {what} ({type(exc).__name__}: {first[:300]}); earlier results are "
+                     "kept. Try smaller settings or another model; the server log has the details.", icon=":material/error:")
+
+
+@contextlib.contextmanager
+def status_error_on_failure(status: Any) -> Iterator[None]:
+    """Mark an ``st.status`` box failed when its work raises (the message itself comes from :func:`guarded`)."""
+    try:
+        yield
+    except Exception:
+        status.update(label="Failed — see the message below; earlier results are kept.", state="error",
+                      expanded=False)
+        raise
