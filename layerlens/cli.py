@@ -17,7 +17,7 @@ from .errors import LayerLensError, for_interface
 from .loading import load_model
 
 # Each module in layerlens/commands exposes register(subparsers); its parser sets func=run(args) -> int.
-COMMANDS = ("analyze", "prune", "evaluate", "sweep")
+COMMANDS = ("analyze", "prune", "heal", "evaluate", "sweep")
 
 # Library messages name parameters (`seq_len`, `dtype=float32`); the CLI names its flags instead.
 FLAGS = {
@@ -28,6 +28,9 @@ FLAGS = {
     "mmlu": "--mmlu", "strategy": "--strategy", "criterion": "--criterion", "layers": "--remove",
     "epochs": "--epochs", "ratio": "--ratio", "n": "--n", "threshold": "--threshold", "formula": "--formula",
     "keep_last": "--keep-last", "m": "--laco-m", "interval": "--laco-interval", "seed": "--seed",
+    "steps": "--steps", "seconds": "--seconds", "lr": "--lr", "lora_rank": "--lora-rank", "loss": "--loss",
+    "targets": "--targets", "temperature": "--temperature", "kd_weight": "--kd-weight",
+    "eval_windows": "--eval-windows", "eval_every": "--eval-every",
 }
 
 

@@ -38,26 +38,31 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def plan_record(plan: Any, *, report: Any = None, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def plan_record(plan: Any, *, report: Any = None, meta: Mapping[str, Any] | None = None,
+                heal: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The :data:`PLAN_FILE` document: the plan, its per-layer summary, the report it was chosen from (or
-    None) and ``meta`` with provenance (version, commit, time) added where the caller did not set them."""
-    return {
+    None), ``meta`` with provenance (version, commit, time) added where the caller did not set them, and
+    for a healed model its ``heal`` record (:meth:`layerlens.heal.HealResult.record`)."""
+    record = {
         "plan": plan.to_dict(),
         "summary": plan_summary(plan),
         "report": report.to_dict() if report is not None else None,
         "meta": provenance(**dict(meta or {})),
     }
+    if heal is not None:
+        record["heal"] = dict(heal)
+    return record
 
 
 def save_pruned(model: Any, tokenizer: Any, plan: Any, folder: str | Path, *, report: Any = None,
-                meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                meta: Mapping[str, Any] | None = None, heal: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Save a pruned model in plain ``transformers`` format (+ tokenizer) and :data:`PLAN_FILE`, atomically.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained(folder)``; a failure leaves nothing
     half-written. Returns the record written to :data:`PLAN_FILE` (see :func:`plan_record`), so a caller
     can keep the same record elsewhere (the CLI's runs folder).
     """
-    record = plan_record(plan, report=report, meta=meta)
+    record = plan_record(plan, report=report, meta=meta, heal=heal)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

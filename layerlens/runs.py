@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import __version__
+from .adapters import layer_count
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -104,3 +107,26 @@ def stable_key(obj: Any) -> str:
 
 def default_runs_dir() -> Path:
     return Path(os.environ.get("LAYERLENS_RUNS", "runs"))
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """A cheap identity of a model: config, dtype and a strided sample of every parameter.
+
+    Hashes up to 4096 values per tensor (shape included), so two models with the same config but
+    different weights (another checkpoint, a fine-tune) get different keys, in milliseconds.
+    """
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        if p.device.type == "meta":  # offloaded weights: shape only
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step][:4096].to("cpu", torch.float64).numpy().tobytes())
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+    param = next(model.parameters())
+    return {"config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "weights": h.hexdigest()[:16], "dtype": str(param.dtype).removeprefix("torch."),
+            "device": param.device.type, "num_layers": layer_count(model)}

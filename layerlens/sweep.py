@@ -23,7 +23,6 @@ Three things make a sweep fast without changing any number:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ from .evaluation import (
 )
 from .plans import PrunePlan, make_plan, strategy_names
 from .prefix_reuse import plan_ops, recording, schedule_reuse, state_bytes, state_key, tail_forward
-from .runs import atomic_write_json, provenance, stable_key
+from .runs import atomic_write_json, model_fingerprint, provenance, stable_key
 from .surgery import private_view, pruned
 
 if TYPE_CHECKING:
@@ -117,29 +116,6 @@ class SweepResult:
 # --------------------------------------------------------------------------------------------------------
 # Identities
 # --------------------------------------------------------------------------------------------------------
-
-
-def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """A cheap identity of a model: config, dtype and a strided sample of every parameter.
-
-    Hashes up to 4096 values per tensor (shape included), so two models with the same config but
-    different weights (another checkpoint, a fine-tune) get different keys, in milliseconds.
-    """
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        if p.device.type == "meta":  # offloaded weights: shape only
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        h.update(flat[::step][:4096].to("cpu", torch.float64).numpy().tobytes())
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
-    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
-    param = next(model.parameters())
-    return {"config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "weights": h.hexdigest()[:16], "dtype": str(param.dtype).removeprefix("torch."),
-            "device": param.device.type, "num_layers": layer_count(model)}
 
 
 def effective_plan(plan: Any) -> dict[str, Any]:
