@@ -97,8 +97,9 @@ class HealConfig:
 
 @dataclass
 class HealResult:
-    """What healing did. ``curve``: ``[step, training loss]``; ``evals``: ``[step, held-out perplexity]``
-    at each checkpoint (step 0 = the pruned model); ``best_step``: the checkpoint kept."""
+    """What healing did. ``curve``: ``[step, training loss]``; ``evals``: ``[step, held-out perplexity,
+    seconds since the start]`` at each checkpoint (step 0 = the pruned model); ``best_step``: the checkpoint
+    kept."""
 
     model: nn.Module
     ppl_before: float
@@ -261,7 +262,7 @@ def _train(model: nn.Module, train: torch.Tensor, evaluate: Callable[[nn.Module]
     order: list[int] = []
     best = (ppl_before, 0, _lora_state(model))
     curve: list[list[float]] = []
-    evals: list[list[float]] = [[0, ppl_before]]
+    evals: list[list[float]] = [[0, ppl_before, 0.0]]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and \
         torch.cuda.is_bf16_supported() else torch.autocast("cpu", enabled=False)
     total = config.steps or 0
@@ -274,7 +275,7 @@ def _train(model: nn.Module, train: torch.Tensor, evaluate: Callable[[nn.Module]
         model.eval()
         ppl = evaluate(model)
         model.train()
-        evals.append([step, ppl])
+        evals.append([step, ppl, round(time.perf_counter() - t0, 3)])
         if ppl < best[0]:
             best = (ppl, step, _lora_state(model))
 

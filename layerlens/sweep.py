@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .adapters import decoder_layers, layer_count
+from .data import load_texts
 from .errors import LayerLensError
 from .evaluation import (
     DEFAULT_MMLU_BATCH,
@@ -47,6 +48,7 @@ from .evaluation import (
     harness_max_length,
     plain_forward,
 )
+from .heal import HealConfig, heal_key, heal_plan
 from .plans import PrunePlan, make_plan, strategy_names
 from .prefix_reuse import plan_ops, recording, schedule_reuse, state_bytes, state_key, tail_forward
 from .runs import atomic_write_json, model_fingerprint, provenance, stable_key
@@ -96,6 +98,7 @@ class SweepConfig:
     reuse: bool = True
     cache_bytes: int = DEFAULT_CACHE_BYTES
     seed: int = 0
+    heal: HealConfig | None = None  # heal every pruned point too: a healed row beside each pruned row
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategies", tuple(self.strategies))
@@ -190,7 +193,7 @@ def make_plans(report: Any, strategies: Sequence[str], ratios: Sequence[float], 
 def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None, config: SweepConfig = SweepConfig(), *,
           ppl_texts: Any = None, questions: Any = None, dev: Any = None, runs_dir: str | Path | None = None,
           model_id: Mapping[str, Any] | None = None, progress: ProgressFn | None = None,
-          compute: bool = True) -> SweepResult:
+          compute: bool = True, heal_texts: Any = None) -> SweepResult:
     """Evaluate perplexity (on ``ppl_texts``) and MMLU (on ``questions``) for every point of ``config``.
 
     The frame has :data:`COLUMNS`, one row per requested (strategy, ratio) (``ratio`` is the requested
@@ -201,8 +204,11 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None, config: Sw
     label)`` is called after every computed (plan, evaluation) unit; an exception it raises stops the sweep
     with finished units kept on disk. ``compute=False`` only reads back what is persisted and never runs
     the model (an interrupted sweep's finished points): one row per point with at least one evaluation
-    finished (NaN for the others), in request order; an empty frame when none is. The model is the same
-    object, unchanged, afterwards.
+    finished (NaN for the others), in request order; an empty frame when none is. With ``config.heal``
+    every pruned plan is also healed (:func:`layerlens.heal.heal_plan` on ``heal_texts``, default the
+    bundled calibration plays; held-out perplexity on ``ppl_texts``) and evaluated on the same tasks: the
+    frame gets a ``healed`` column and a healed row after each pruned row. The model is the same object,
+    unchanged, afterwards.
     """
     import pandas as pd  # heavy (~0.3 s): only when a sweep runs, not at `import layerlens`
 
@@ -270,11 +276,17 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None, config: Sw
             layer_passes += passes
             scratch_passes += scratch
 
+    healed = {} if config.heal is None else _heal_units(
+        model, tokenizer, tasks, units, unique, config.heal, heal_texts, ppl_texts, runs, identity, compute,
+        lambda unit: (_write_point(runs, unit, identity, data_source, config) if runs is not None else None))
     rows = []
     for strategy, target, plan in plans:
-        mine = [units[(ti, stable_key(effective_plan(plan)))] for ti in range(len(tasks))]
+        pk = stable_key(effective_plan(plan))
+        mine = [units[(ti, pk)] for ti in range(len(tasks))]
         if compute or any(u.cached for u in mine):
-            rows.append(_row(strategy, target, plan, mine))
+            rows.append(_row(strategy, target, plan, mine) | ({"healed": False} if healed else {}))
+        if healed and (compute or any(u.cached for u in healed[pk])):
+            rows.append(_row(strategy, target, plan, healed[pk]) | {"healed": True})
     meta = provenance(model=identity["id"].get("model"), revision=identity["id"].get("revision"),
                       dtype=identity["dtype"], device=identity["device"], data=data_source,
                       model_fingerprint=identity, tasks=[t.identity() for t in tasks], seq_len=config.seq_len,
@@ -282,7 +294,44 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None, config: Sw
     stats = SweepStats(units=total, computed=sum(u.result is not None and not u.cached for u in units.values()),
                        cached=sum(u.cached for u in units.values()), peak_states=held_states,
                        layer_passes=layer_passes, layer_passes_from_scratch=scratch_passes)
-    return SweepResult(pd.DataFrame(rows, columns=list(COLUMNS)), meta, stats)
+    if config.heal is not None:
+        meta["heal"] = asdict(config.heal)
+    return SweepResult(pd.DataFrame(rows, columns=[*COLUMNS, *(("healed",) if healed else ())]), meta, stats)
+
+
+def _heal_units(model: torch.nn.Module, tokenizer: Any, tasks: list[Any], units: dict[tuple[int, str], _Unit],
+                unique: dict[str, Any], heal: HealConfig, heal_texts: Any, eval_texts: Any, runs: Path | None,
+                identity: dict[str, Any], compute: bool, persist: Any) -> dict[str, list[_Unit]]:
+    """Every distinct plan healed and evaluated on every task (persisted and read back like the pruned
+    points, keyed by the healing request too). Healed models run from scratch: prefix reuse cannot apply,
+    since healing changes every layer LoRA touches. A plan that removes nothing is its own healed row."""
+    heal_texts = heal_texts if heal_texts is not None else load_texts("default", role="calibration")
+    eval_texts = eval_texts if eval_texts is not None else load_texts("default", role="eval")
+    out: dict[str, list[_Unit]] = {}
+    for pk, plan in unique.items():
+        if plan.n_removed == 0:
+            out[pk] = [units[(ti, pk)] for ti in range(len(tasks))]
+            continue
+        hkey = heal_key(model, plan, tokenizer, heal_texts, eval_texts, heal)
+        mine = []
+        for task in tasks:
+            key = stable_key({"format": POINT_FORMAT, "model": identity, "task": task.identity(),
+                              "plan": effective_plan(plan), "heal": hkey})
+            unit = _Unit(task, plan, key)
+            saved = _read_point(_point_path(runs, key)) if runs is not None else None
+            if saved is not None:
+                unit.result = _result_from_dict(task.kind, saved["result"])
+                unit.seconds, unit.cached = float(saved.get("seconds", 0.0)), True
+            mine.append(unit)
+        out[pk] = mine
+        if compute and not all(u.cached for u in mine):
+            result = heal_plan(model, tokenizer, plan, heal_texts, eval_texts, heal, runs_dir=runs)
+            for i, unit in enumerate(u for u in mine if not u.cached):
+                t0 = time.perf_counter()
+                unit.result = unit.task.run(plain_forward(result.model))
+                unit.seconds = time.perf_counter() - t0 + (result.seconds if i == 0 else 0.0)
+                persist(unit)
+    return out
 
 
 def _run_task(model: torch.nn.Module, task: Any, todo: list[_Unit], config: SweepConfig, hidden: int,

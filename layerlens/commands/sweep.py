@@ -13,6 +13,7 @@ from pathlib import Path
 from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, cli_progress, load_from_args
 from ..errors import LayerLensError
 from ..export import save_figure
+from ..heal import HealConfig
 from ..plans import get_strategy
 from ..plans import strategies as registry_entries
 from ..report import LayerReport
@@ -47,6 +48,15 @@ def _sweepable() -> tuple[str, ...]:
     return tuple(e.name for e in registry_entries() if e.sweepable)
 
 
+def _heal_config(args: argparse.Namespace) -> HealConfig | None:
+    """With --heal-seconds: every pruned point is healed for that long (LoRA, --heal-loss), a healed row each."""
+    if args.heal_seconds is None:
+        return None
+    config = HealConfig(loss=args.heal_loss, seconds=args.heal_seconds, seq_len=args.seq_len, seed=args.seed)
+    config.validate()
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
     from ..plots import sweep_figure  # heavy: pandas (~0.3 s), only for a sweep, not at CLI start
 
@@ -66,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     config = SweepConfig(strategies=strategies, ratios=ratios, seq_len=args.seq_len,
                          max_windows=inputs["max_windows"], ppl_batch_size=args.ppl_batch_size,
                          mmlu_batch_size=args.mmlu_batch_size, shots=args.shots, reuse=not args.no_reuse,
-                         cache_bytes=int(args.cache_gb * 2**30), seed=args.seed)
+                         cache_bytes=int(args.cache_gb * 2**30), seed=args.seed, heal=_heal_config(args))
     result = sweep(loaded.model, loaded.tokenizer, report, config, ppl_texts=inputs["texts"],
                    questions=inputs["questions"], dev=inputs["dev"], runs_dir=runs,
                    model_id={"model": info.model, "revision": info.revision}, progress=cli_progress("sweep"))
@@ -91,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if inputs["questions"] is not None:
         figures += save_figure(sweep_figure(frame, "mmlu_accuracy", title=f"MMLU vs. pruning ratio: {name}"),
                                out / "mmlu")
-    cols = [c for c in ("strategy", "ratio", "n_removed", "perplexity", "mmlu_accuracy", "mmlu_prob_correct",
+    cols = [c for c in ("strategy", "ratio", "n_removed", "healed", "perplexity", "mmlu_accuracy", "mmlu_prob_correct",
                         "seconds", "cached") if c in frame]
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"{int(frame.cached.sum())} of {len(frame)} points read back from {runs}; wrote {out / 'sweep.csv'}"
@@ -113,6 +123,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate every pruned model from scratch (same numbers, slower; for benchmarks)")
     p.add_argument("--cache-gb", type=float, default=1.0,
                    help="memory for reused hidden states (CPU), in GiB; 0 disables reuse")
+    p.add_argument("--heal-seconds", type=float, default=None,
+                   help="also heal every pruned point for this many seconds (LoRA) and add a healed row each")
+    p.add_argument("--heal-loss", choices=["lm", "kd", "both"], default="kd",
+                   help="healing loss: next-token, distillation from the original, or both")
     add_runs_arg(p)
     p.add_argument("--out", required=True, help="output folder for sweep.csv and the figures")
     p.set_defaults(func=run)

@@ -92,8 +92,8 @@ def test_a_stop_keeps_the_best_checkpoint(lm, texts):
     result = heal(apply_plan(lm.model, plan), lm.tokenizer, *texts,
                   HealConfig(loss="lm", steps=100, lr=3e-3, **FAST), plan=plan, stop=stop_after_12)
     assert result.stopped == "stopped" and result.steps == 12
-    best_ppl = min(p for _, p in result.evals)
-    assert result.best_step == next(s for s, p in result.evals if p == best_ppl)
+    best_ppl = min(p for _, p, _ in result.evals)
+    assert result.best_step == next(s for s, p, _ in result.evals if p == best_ppl)
     assert result.ppl_after == pytest.approx(best_ppl, rel=1e-4)  # the merged model is the best checkpoint
 
 
@@ -138,3 +138,20 @@ def test_targets_are_the_projections_of_the_chosen_layers(lm):
     names = lora_targets(lm.model, (1,))
     assert names and all(".layers.1." in n for n in names)
     assert {n.rsplit(".", 1)[-1] for n in names} >= {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"}
+
+
+def test_a_sweep_heals_every_pruned_point_and_reads_it_back(lm, texts, tmp_path):
+    from layerlens.sweep import SweepConfig, sweep
+
+    config = SweepConfig(strategies=("reverse",), ratios=(0.0, 0.34), seq_len=32, max_windows=2,
+                         heal=HealConfig(loss="lm", steps=10, lr=3e-3, **FAST))
+    first = sweep(lm.model, lm.tokenizer, None, config, ppl_texts=texts[1], heal_texts=texts[0],
+                  runs_dir=tmp_path)
+    frame = first.frame
+    assert list(frame["healed"]) == [False, True, False, True]  # a healed row after each pruned row
+    assert frame["perplexity"].iloc[0] == frame["perplexity"].iloc[1]  # nothing removed: nothing to heal
+    pruned, healed = frame["perplexity"].iloc[2], frame["perplexity"].iloc[3]
+    assert healed < pruned  # the best checkpoint is kept, never worse than the pruned model
+    assert first.meta["heal"]["steps"] == 10
+    again = sweep(lm.model, lm.tokenizer, None, config, ppl_texts=texts[1], heal_texts=texts[0], runs_dir=tmp_path)
+    assert again.frame["cached"].all() and list(again.frame["perplexity"]) == list(frame["perplexity"])
