@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -15,6 +16,7 @@ from . import __version__, metrics
 from .data import load_texts
 from .errors import LayerLensError, for_interface
 from .loading import load_model
+from .runs import write_error_log
 
 # Each module in layerlens/commands exposes register(subparsers); its parser sets func=run(args) -> int.
 COMMANDS = ("analyze", "prune", "heal", "evaluate", "sweep")
@@ -117,14 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unexpected_error(exc: BaseException, runs_dir: str | None, argv: list[str] | None = None) -> str:
+    """The one sentence a user sees for a bug or an unforeseen failure; the traceback goes to a log file
+    under the runs folder (never to the terminal)."""
+    details = "".join(traceback.format_exception(exc))
+    log = write_error_log(f"layerlens {__version__}\ncommand: layerlens {' '.join(argv or sys.argv[1:])}\n\n"
+                          f"{details}", runs_dir)
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+    where = f"the full log is in {log}" if log else "no log could be written"
+    return f"unexpected {type(exc).__name__} ({first}); {where}."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 a user error (one sentence), 1 an unexpected error (one
+    sentence + a log file with the traceback), 130 interrupted."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    args = None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)  # a usage error exits 2 here (SystemExit passes through)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except LayerLensError as exc:
         print(f"error: {for_interface(str(exc), FLAGS)}", file=sys.stderr)
@@ -137,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished results were kept; re-run the same command to resume.", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback for a CLI user
+        print(f"error: {unexpected_error(exc, getattr(args, 'runs_dir', None), argv)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

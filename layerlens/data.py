@@ -169,12 +169,24 @@ def tokenize_texts(tokenizer: Any, texts: tuple[str, ...] | list[str], seq_len: 
     return out
 
 
+def pad_id(tokenizer: Any) -> int:
+    """A token id to fill padded positions with that the model's embedding surely has: the pad id, else the
+    eos id, when it lies in the tokenizer's base vocabulary, else 0. A pad token ADDED to a tokenizer without
+    resizing the model (some ``AutoTokenizer`` classes do it) has an id past the embedding matrix, and
+    padded positions are masked anyway, so which valid id fills them does not change any number."""
+    base = getattr(tokenizer, "vocab_size", None)
+    for tok_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(tok_id, int) and tok_id >= 0 and (not isinstance(base, int) or tok_id < base):
+            return tok_id
+    return 0
+
+
 def batches(tokenizer: Any, token_lists: list[list[int]], batch_size: int,
             device: str | torch.device = "cpu") -> Iterator[Batch]:
     """Right-padded batches; padding positions have attention_mask 0 and are ignored by every statistic."""
     if batch_size < 1:
         raise LayerLensError(f"`batch_size` must be at least 1 (got {batch_size}).")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     for start in range(0, len(token_lists), batch_size):
         chunk = token_lists[start:start + batch_size]
         width = max(len(x) for x in chunk)

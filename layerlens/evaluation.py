@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import check_seq_len
+from .data import check_seq_len, pad_id
 from .errors import DataError, LayerLensError
 from .loading import max_positions
 from .questions import LETTERS, Question, QuestionSet, as_questions
@@ -125,13 +125,6 @@ def plain_forward(model: torch.nn.Module) -> Forward:
 def _tokenizer_ids(tokenizer: Any, text: str) -> list[int]:
     """``tokenizer.encode(text)`` with the tokenizer's defaults (special tokens as it adds them)."""
     return list(tokenizer(text, verbose=False)["input_ids"])
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -370,7 +363,7 @@ class MMLUTask:
                     inp = (ctx + c)[-(max_length + 1):][:-1]
                     rows.append((inp, [_Read(qi, li, len(inp) - len(c), tuple(c))]))
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
-        pad = _pad_id(tokenizer)
+        pad = pad_id(tokenizer)
         self.batches: list[EvalBatch] = []
         self.reads: list[list[tuple[int, list[_Read]]]] = []  # per batch: (row in batch, reads) with keep idx
         for start in range(0, len(order), batch_size):

@@ -42,6 +42,7 @@ TARGETS = ("all", "cut")
 SCHEDULES = ("cosine", "constant")
 
 Progress = Callable[[int, int, str], None]
+Watch = Callable[[list[list[float]], list[list[float]]], None]  # (curve, evals) so far; read, never change
 
 
 @dataclass(frozen=True)
@@ -206,12 +207,14 @@ def lora_wrapped(student: nn.Module, names: Sequence[str], config: HealConfig) -
 
 def heal(student: nn.Module, tokenizer: Any, train_texts: Any, eval_texts: Any,
          config: HealConfig = HealConfig(), *, teacher: nn.Module | None = None, plan: Any = None,
-         progress: Progress | None = None, stop: Callable[[], bool] | None = None) -> HealResult:
+         progress: Progress | None = None, stop: Callable[[], bool] | None = None,
+         watch: Watch | None = None) -> HealResult:
     """Train LoRA on ``student`` (a pruned model) and return it merged, with the measurements.
 
     ``teacher`` (the unpruned original) is needed for ``kd``/``both``; ``plan`` for ``targets="cut"``.
     ``progress(step, total, label)`` reports step, loss, tokens/s and time left; ``stop()`` returning True
-    ends training at the next step (the best checkpoint is kept, like at the end of the budget).
+    ends training at the next step (the best checkpoint is kept, like at the end of the budget);
+    ``watch(curve, evals)``, after every step, gets the live lists (a dashboard draws them as they grow).
     """
     hidden = getattr(student.config, "hidden_size", None) or getattr(student.config, "n_embd", None)
     config.validate(hidden)
@@ -241,7 +244,7 @@ def heal(student: nn.Module, tokenizer: Any, train_texts: Any, eval_texts: Any,
         raise LayerLensError("The plan leaves no layer next to a cut to heal; use `targets=all`.")
     torch.manual_seed(config.seed)  # LoRA's initial A matrices
     with lora_wrapped(student, names, config) as wrapped:
-        result = _train(wrapped, train, evaluate, config, teacher, device, progress, stop, ppl_before)
+        result = _train(wrapped, train, evaluate, config, teacher, device, progress, stop, ppl_before, watch)
         merged = wrapped.merge_and_unload().eval()
     result.model = merged
     result.targets = names
@@ -255,7 +258,7 @@ def heal(student: nn.Module, tokenizer: Any, train_texts: Any, eval_texts: Any,
 
 def _train(model: nn.Module, train: torch.Tensor, evaluate: Callable[[nn.Module], float], config: HealConfig,
            teacher: nn.Module | None, device: torch.device, progress: Progress | None,
-           stop: Callable[[], bool] | None, ppl_before: float) -> HealResult:
+           stop: Callable[[], bool] | None, ppl_before: float, watch: Watch | None = None) -> HealResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed)
@@ -280,6 +283,8 @@ def _train(model: nn.Module, train: torch.Tensor, evaluate: Callable[[nn.Module]
             best = (ppl, step, _lora_state(model))
 
     model.train()
+    if watch is not None:
+        watch(curve, evals)
     try:
         while True:
             elapsed = time.perf_counter() - t0
@@ -318,6 +323,8 @@ def _train(model: nn.Module, train: torch.Tensor, evaluate: Callable[[nn.Module]
             curve.append([step, float(loss.detach())])
             if step % config.eval_every == 0:
                 checkpoint()
+            if watch is not None:
+                watch(curve, evals)
             if progress is not None:
                 spent = time.perf_counter() - t0
                 left = []
@@ -375,7 +382,8 @@ def _rebuild(original: nn.Module, plan: Any, record: dict[str, Any], adapter: di
 
 def heal_plan(original: nn.Module, tokenizer: Any, plan: Any, train_texts: Any, eval_texts: Any,
               config: HealConfig = HealConfig(), *, runs_dir: str | Path | None = None,
-              progress: Progress | None = None, stop: Callable[[], bool] | None = None) -> HealResult:
+              progress: Progress | None = None, stop: Callable[[], bool] | None = None,
+              watch: Watch | None = None) -> HealResult:
     """Apply ``plan`` to ``original`` (untouched) and heal it, distilling from ``original`` when the loss
     asks for it; with ``runs_dir`` a finished result is persisted and the same request read back."""
     key = heal_key(original, plan, tokenizer, train_texts, eval_texts, config)
@@ -390,7 +398,7 @@ def heal_plan(original: nn.Module, tokenizer: Any, plan: Any, train_texts: Any, 
                           stopped=record["stopped"], targets=record["targets"], adapter=adapter, config=config,
                           meta=record["meta"] | {"cached": True, "key": key})
     result = heal(apply_plan(original, plan), tokenizer, train_texts, eval_texts, config, teacher=original,
-                  plan=plan, progress=progress, stop=stop)
+                  plan=plan, progress=progress, stop=stop, watch=watch)
     result.meta["key"] = key
     if record_path is not None and result.stopped == "budget":  # a stopped run is not the request's result
         record_path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,28 @@ def is_hub_id(spec: str) -> bool:
     return _HUB_ID.fullmatch(spec or "") is not None
 
 
+def looks_like_path(spec: str, base: Path | None = None) -> bool:
+    """Whether a model spec was meant as a folder: it starts like a path (``./``, ``../``, ``/``, ``~``)
+    or its parent folder exists (``models/x`` where ``models/`` is a folder in ``base``, default the cwd).
+
+    Such a spec that does not exist is a missing folder, not a hub id to look up (``models/x`` also has
+    the shape of ``org/name``, and an offline user would otherwise hear that the hub cannot be reached).
+    """
+    text = (spec or "").strip()
+    if text.startswith(("./", "../", "/", "~", ".\\", "..\\")) or "\\" in text:
+        return True
+    parent = Path(text).parent
+    if str(parent) in ("", "."):
+        return False
+    return ((base or Path.cwd()) / parent).is_dir()
+
+
+def missing_folder(spec: str, where: str = "") -> LayerLensError:
+    """The one message, for the CLI and the dashboard alike, for a model folder that is not there."""
+    return LayerLensError(f"The folder '{spec}' does not exist{where}; check the path (a hub id looks like "
+                          "'org/name'; 'default' is the bundled model).")
+
+
 def resolve_source(spec: str) -> Path | str:
     """A local folder (checked), the bundled default's folder, or a hub id (returned as str)."""
     if spec == DEFAULT_MODEL_ID:
@@ -101,6 +123,8 @@ def resolve_source(spec: str) -> Path | str:
             raise LayerLensError(f"The folder '{spec}' has no config.json; point `model` at a saved "
                                  "Hugging Face model folder (save_pretrained output).")
         return path
+    if looks_like_path(spec):
+        raise missing_folder(spec)
     if not is_hub_id(spec):
         raise LayerLensError(f"Model '{spec}' is neither an existing folder nor a hub id like 'org/name'; "
                              "check the path, or use 'default' for the bundled model.")

@@ -1,16 +1,22 @@
 """Plot builders: pure functions that return a plotly ``Figure`` (no streamlit).
 
-The dashboard draws these figures and the CLI / Export page save the very same figures with
-:func:`layerlens.export.save_figure` (which also runs the PNG renderer). Conventions for every builder:
+Per-layer figures live here; curves against the pruning ratio or the training step (sweeps, healing) in
+:mod:`layerlens.plots_curves`, built with the same helpers. The dashboard draws these figures and the
+CLI / Export page save the very same figures with :func:`layerlens.export.save_figure` (which also runs
+the PNG renderer). Conventions for every builder:
 
 * a title, axis titles with units, and decoder-layer indices 0-based (as in the CLI and ``LayerReport``);
 * hover text that names the layer(s) and the value;
-* no global state: the same inputs give the same figure.
+* no global state: the same inputs give the same figure;
+* every title line short enough for half a wide page (:data:`TITLE_LINE_MAX` characters; a second line
+  goes in ``<sup>``), so no title is cut off;
+* ``layout.uirevision`` keyed by the data the figure shows (not by highlights or markers): a dashboard
+  rerun that draws the same data keeps the user's zoom and pan.
 
 Figures are built from complete specs (``data`` as trace dicts, ``layout`` as nested dicts, the template
 resolved once) with plotly's property validation switched off (:func:`_figure`): validating a figure,
 mostly re-validating and deep-copying the template, cost ~20 ms of every Prune-page rerun.
-``tests/test_plots.py`` validates every builder's spec instead (a validating ``go.Figure`` rebuilt from
+``tests/unit/test_plots.py`` validates every builder's spec instead (a validating ``go.Figure`` rebuilt from
 it must give the same JSON).
 """
 
@@ -18,11 +24,11 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping
+import hashlib
 from typing import Any
 
 import numpy as np
-import pandas as pd  # imported before any figure can be built; see below
+import pandas as pd  # noqa: F401 - imported before any figure can be built; see below
 import plotly.colors
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -39,13 +45,11 @@ from .plans.registry import get_strategy, is_registered
 _FALLBACK_COLORS = ("#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 
 STATUS_COLORS = {"kept": "#4c9be8", "removed": "#d9534f", "merged": "#f0ad4e"}
-
-METRIC_LABELS = {
-    "perplexity": "Perplexity (lower is better, log scale)",
-    "mmlu_accuracy": "MMLU accuracy (%)",
-}
+GROUP_COLOR = "#7a4a00"  # outline and bracket of a merge group on the layer strip
 
 TEMPLATE = "plotly_white"
+
+TITLE_LINE_MAX = 56  # characters per title line (tests/unit/test_plots.py checks every builder)
 
 
 @functools.cache
@@ -61,8 +65,17 @@ def _layout(**props: Any) -> dict[str, Any]:
                 font=dict(size=13)) | props
 
 
-def _title(text: str) -> dict[str, str]:
-    return {"text": text}
+def _title(text: str, sub: str | None = None) -> dict[str, str]:
+    """A title, with an optional smaller second line."""
+    return {"text": text + (f"<br><sup>{sub}</sup>" if sub else "")}
+
+
+def _revision(*parts: Any) -> str:
+    """A ``uirevision`` for the data ``parts`` (what the figure shows): equal data, equal revision."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(np.asarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
+    return h.hexdigest()[:12]
 
 
 def _figure(data: list[dict[str, Any]], layout: dict[str, Any]) -> go.Figure:
@@ -134,7 +147,8 @@ def bi_bar(report: Any, metric: str = "bi", block_size: int = 1, highlight: Any 
     head, ytitle = BAR_METRICS[metric]
     step = 1 if len(values) <= 24 else 2 if len(values) <= 64 else _tick_step(len(values))
     return _figure([bar], _layout(
-        title=_title(title or head.format(n=n) + " — low = redundant"),
+        title=_title(title) if title else _title(head.format(n=n), "low = redundant"),
+        uirevision=_revision("bar", metric, n, values),
         xaxis=dict(title=_title("Decoder layer index (0-based)" if n == 1
                                 else f"First layer of the {n}-layer block (0-based)"),
                    tickmode="linear", tick0=0, dtick=step, range=[-0.6, len(values) - 0.4], tickangle=0),
@@ -175,23 +189,28 @@ def similarity_heatmap(report: Any, kind: str = "cosine", threshold: float | Non
     heat = dict(
         type="heatmap", z=m, x=idx, y=idx, text=hover, hovertemplate="%{text}<extra></extra>",
         colorscale=_colorscale("Viridis"), zmin=zmin, zmax=1.0,
-        colorbar=dict(title=dict(text=f"{HEATMAP_KINDS[kind]}<br>(unitless)", side="right")),
+        # As tall as the heatmap: the plot area is not constrained to squares, so it fills the height the
+        # colour bar spans (square cells left white space beside a small map and a taller colour bar).
+        colorbar=dict(title=dict(text=f"{HEATMAP_KINDS[kind]}<br>(unitless)", side="right"), len=1.0,
+                      lenmode="fraction", y=0.5, yanchor="middle", thickness=16),
     )
     runs = [(g[0] + 1, g[-1] + 1) for g in groups or ()]
     shapes = [dict(type="rect", x0=s - 0.5, x1=e + 0.5, y0=s - 0.5, y1=e + 0.5, line=dict(color="red", width=3),
                    fillcolor="rgba(0,0,0,0)", name=f"run {s}-{e}") for s, e in runs]
     head = HEATMAP_KINDS[kind] + " between residual states"
+    sub = None
     if threshold is not None:
-        head += f" — {len(runs)} run(s) ≥ {threshold:.2f} outlined"
+        sub = f"{len(runs)} run(s) ≥ {threshold:.2f} outlined in red"
     elif groups is not None:
-        head += f" — {len(runs)} merge group(s) outlined"
+        sub = f"{len(runs)} merge group(s) outlined in red"
     step = 1 if size <= 20 else 2 if size <= 48 else _tick_step(size)
     layout = _layout(
-        title=_title(title or head), height=560,
+        title=_title(title) if title else _title(head, sub), height=560, margin=dict(l=70, r=20, t=80, b=60),
+        uirevision=_revision("heatmap", kind, m),
         xaxis=dict(title=_title("Residual state h_i (input of layer i; 0-based)"), tickmode="linear", tick0=0,
-                   dtick=step, constrain="domain"),
+                   dtick=step),
         yaxis=dict(title=_title("Residual state h_j (input of layer j; 0-based)"), tickmode="linear", tick0=0,
-                   dtick=step, autorange="reversed", scaleanchor="x", constrain="domain"),
+                   dtick=step, autorange="reversed"),
     )
     if shapes:
         layout["shapes"] = shapes
@@ -222,7 +241,8 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
     """One cell per decoder layer (0-based) colored kept / removed / merged, from ``plan_summary(plan)``.
 
     ``summary``: a list of ``{"layer": i, "status": "kept"|"removed"|"merged", "into": j or None}``.
-    Merged cells read ``i→j`` (merged into layer j).
+    Each cell reads its layer index; each merge group is outlined and spanned by a bracket labelled
+    ``a–b → 1`` (arrows inside narrow cells were unreadable and left the group boundaries invisible).
     """
     rows = sorted((dict(r) for r in summary), key=lambda r: int(r["layer"]))
     bars = []
@@ -230,8 +250,6 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
         part = [r for r in rows if r.get("status") == status]
         if not part:
             continue
-        text = [f"{r['layer']}→{r['into']}" if status == "merged" and r.get("into") not in (None, r["layer"])
-                else str(r["layer"]) for r in part]
         hover = [f"layer {r['layer']}: " + (
             "kept" if status == "kept" else "removed" if status == "removed"
             else "merge base (the group's weights are merged here)" if r.get("into") == r["layer"]
@@ -239,129 +257,48 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
         bars.append(dict(
             type="bar", x=[int(r["layer"]) for r in part], y=[1] * len(part), name=f"{status} ({len(part)})",
             marker=dict(color=STATUS_COLORS[status], line=dict(color="white", width=1)),
-            text=text, textposition="inside", insidetextanchor="middle", textangle=0,
+            text=[str(r["layer"]) for r in part], textposition="inside", insidetextanchor="middle", textangle=0,
+            textfont=dict(color="white", size=12),
             hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", width=0.95,
         ))
     n = len(rows)
     n_removed = sum(r.get("status") == "removed" for r in rows)
     merged = [r for r in rows if r.get("status") == "merged"]
-    groups = {r.get("into") for r in merged}
+    groups: dict[Any, list[int]] = {}
+    for r in merged:
+        groups.setdefault(r.get("into"), []).append(int(r["layer"]))
     gone = n_removed + len(merged) - len(groups)
     parts = [f"{n_removed} removed"] if n_removed or not merged else []
     if merged:
         parts.append(f"{len(merged)} merged into {len(groups)}")
-    return _figure(bars, _layout(
-        title=_title(title or f"Layer plan: {n - gone} of {n} layers remain ({', '.join(parts)})"),
+    shapes, notes = [], []
+    for layers in sorted(groups.values()):
+        a, b = min(layers), max(layers)
+        edge = dict(color=GROUP_COLOR, width=2.5)
+        shapes.append(dict(type="rect", x0=a - 0.5, x1=b + 0.5, y0=0, y1=1, xref="x", yref="y", line=edge,
+                           fillcolor="rgba(0,0,0,0)", name=f"merge group {a}-{b}"))
+        shapes.append(dict(type="path", path=f"M {a - 0.4},1.05 L {a - 0.4},1.14 L {b + 0.4},1.14 L {b + 0.4},1.05",
+                           xref="x", yref="y", line=edge, name=f"bracket {a}-{b}"))
+        notes.append(dict(text=f"{a}–{b} → 1", x=(a + b) / 2, y=1.16, xref="x", yref="y", showarrow=False,
+                          xanchor="center", yanchor="bottom", font=dict(size=12, color=GROUP_COLOR)))
+    layout = _layout(
+        title=_title(title) if title else _title(f"Layer plan: {n - gone} of {n} layers remain", ", ".join(parts)),
+        uirevision=_revision("strip", n),
         xaxis=dict(title=_title("Decoder layer index (0-based)"), tickmode="linear", tick0=0, dtick=_tick_step(n),
                    range=[-0.6, max(n, 1) - 0.4], showgrid=False),
-        yaxis=dict(visible=False, range=[0, 1]), barmode="overlay", height=230,
+        yaxis=dict(visible=False, range=[0, 1.42 if groups else 1], fixedrange=True), barmode="overlay",
+        height=270 if groups else 240,
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
-        margin=dict(l=30, r=30, t=80, b=50), uniformtext=dict(minsize=8, mode="hide"),
-    ))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sweep curves (ShortGPT Figure 5 style)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _current_point(current: Any) -> dict[str, Any] | None:
-    """Normalise ``current`` (a mapping, a plan-like object with ``.ratio``, or a bare ratio)."""
-    if current is None:
-        return None
-    if isinstance(current, (int, float)):
-        return {"ratio": float(current)}
-    if isinstance(current, Mapping):
-        return dict(current)
-    out: dict[str, Any] = {}
-    for key in ("ratio", "strategy", "n_removed", "label"):
-        if hasattr(current, key):
-            out[key] = getattr(current, key)
-    return out if "ratio" in out else None
-
-
-def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
-                 title: str | None = None) -> go.Figure:
-    """Metric against pruning ratio, one curve per strategy; the current plan marked.
-
-    ``frame``: a pandas DataFrame (or records) with columns ``strategy``, ``actual_ratio`` (fraction of
-    layers removed, 0..1; frames without it are drawn against ``ratio``), ``n_removed``, ``removed_layers``
-    and the ``metric`` column (``perplexity`` or ``mmlu_accuracy``, the latter a fraction 0..1 shown in %).
-    Perplexity uses a log y axis.
-
-    ``current``: the plan on screen, as a mapping ``{"ratio", "strategy"?, "value"?, "label"?}``, an object
-    with a ``.ratio`` attribute (e.g. ``PrunePlan``) or a bare ratio. With a ``value`` it is drawn as a
-    star; otherwise as a vertical dashed line at its ratio.
-    """
-    if metric not in METRIC_LABELS:
-        raise ValueError(f"metric must be one of {', '.join(METRIC_LABELS)}, got {metric!r}")
-    df = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(list(frame))
-    scale = 100.0 if metric == "mmlu_accuracy" else 1.0
-    traces: list[dict[str, Any]] = []
-    layout = _layout(
-        title=_title(title or f"{ {'perplexity': 'Perplexity', 'mmlu_accuracy': 'MMLU accuracy'}[metric]} vs. "
-                     "pruning ratio"),
-        xaxis=dict(title=_title("Pruning ratio (% of decoder layers removed)"), ticksuffix="%", rangemode="tozero"),
-        yaxis=dict(title=_title(METRIC_LABELS[metric])) | (
-            dict(type="log") if metric == "perplexity" else dict(ticksuffix="%")),
-        legend=dict(title=_title("Strategy")), hovermode="closest",
+        margin=dict(l=30, r=30, t=90, b=50), uniformtext=dict(minsize=8, mode="hide"),
     )
-    if len(df) and metric in df.columns:
-        df = df[pd.notna(df[metric])] if metric in df else df
-        x_col = "actual_ratio" if "actual_ratio" in df else "ratio"  # the removed fraction, when known
-        for strategy in sorted(df["strategy"].astype(str).unique()) if len(df) else []:
-            part = df[df["strategy"].astype(str) == strategy].sort_values(x_col)
-            removed = [_layers_text(v) for v in part.get("removed_layers", [None] * len(part))]
-            n_removed = list(part["n_removed"]) if "n_removed" in part else [""] * len(part)
-            traces.append(dict(
-                type="scatter", x=100.0 * part[x_col].to_numpy(dtype=float),
-                y=scale * part[metric].to_numpy(dtype=float), mode="lines+markers", name=strategy,
-                line=dict(color=strategy_color(strategy), width=2), marker=dict(size=7),
-                customdata=np.array(list(zip(n_removed, removed, strict=True)), dtype=object),
-                hovertemplate=(f"<b>{strategy}</b><br>removed %{{x:.1f}}% of layers (%{{customdata[0]}})"
-                               f"<br>layers %{{customdata[1]}}<br>{_short(metric)} %{{y:.4g}}<extra></extra>"),
-            ))
-    cur = _current_point(current)
-    if cur is not None and cur.get("ratio") is not None:
-        x = 100.0 * float(cur["ratio"])
-        label = str(cur.get("label") or "current plan")
-        value = cur.get("value")
-        if value is not None and np.isfinite(float(value)):
-            traces.append(dict(
-                type="scatter", x=[x], y=[scale * float(value)], mode="markers", name=label,
-                marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1.5)),
-                hovertemplate=f"<b>{label}</b><br>removed %{{x:.1f}}%<br>{_short(metric)} %{{y:.4g}}<extra></extra>",
-            ))
-        else:  # a vertical line across the plot, labelled above it (what fig.add_vline draws)
-            layout["shapes"] = [dict(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="y domain",
-                                     line=dict(color="black", dash="dash", width=1.5))]
-            layout["annotations"] = [dict(text=label, showarrow=False, x=x, xref="x", y=1, yref="y domain",
-                                          xanchor="center", yanchor="bottom")]
-    if not traces:
-        layout.setdefault("annotations", []).append(dict(
-            text="No sweep points yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-            font=dict(size=16, color="gray")))
-    return _figure(traces, layout)
-
-
-def _short(metric: str) -> str:
-    return {"perplexity": "perplexity", "mmlu_accuracy": "MMLU accuracy"}.get(metric, metric)
-
-
-def _layers_text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    if isinstance(value, str):
-        return value or "-"
-    try:
-        items = [int(v) for v in value]
-    except TypeError:
-        return str(value)
-    return ", ".join(map(str, items)) if items else "none"
+    if shapes:
+        layout["shapes"] = shapes
+        layout["annotations"] = notes
+    return _figure(bars, layout)
 
 
 __all__ = [
     "STATUS_COLORS", "strategy_color", "bar_values", "bi_bar",
-    "similarity_heatmap", "layer_strip", "sweep_figure",
+    "similarity_heatmap", "layer_strip",
 ]
 

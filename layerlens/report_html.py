@@ -13,10 +13,12 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from . import humanize
 from .dashboard.tables import current_marker
 from .plans import plan_summary
 from .plans.slm import merge_groups
-from .plots import bi_bar, layer_strip, similarity_heatmap, sweep_figure
+from .plots import bi_bar, layer_strip, similarity_heatmap
+from .plots_curves import sweep_figure
 from .runs import atomic_write_text, provenance
 
 _CSS = """
@@ -31,6 +33,8 @@ table{border-collapse:collapse;font-size:.9em;margin:8px 0}td,th{border:1px soli
 text-align:left}th{background:#f5f7fa}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:8px}.mono{font-family:ui-monospace,Menlo,monospace}
 footer{color:#9aa5b1;font-size:.8em;margin-top:40px}
+.verdict{border-radius:8px;padding:10px 16px;margin:12px 0;font-weight:600}
+.verdict.ok{background:#e3f9e5;color:#05400a}.verdict.bad{background:#ffe3e3;color:#8a041a;border:2px solid #d9534f}
 """
 
 
@@ -53,6 +57,27 @@ def _card(value: Any, label: str) -> str:
 def _table(rows: list[tuple[Any, Any]]) -> str:
     body = "".join(f"<tr><th>{_esc(k)}</th><td class='mono'>{_esc(_fmt(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
+
+
+# Sweep columns for people: (header with unit, formatter).
+_SWEEP_COLUMNS = {
+    "strategy": ("strategy", str),
+    "ratio": ("ratio asked", lambda v: f"{float(v):.2f}"),
+    "actual_ratio": ("layers removed (%)", humanize.percent),
+    "n_removed": ("layers removed", humanize.number),
+    "removed_layers": ("which layers (0-based)", lambda v: str(v) if v == v and v is not None else "–"),
+    "perplexity": ("perplexity (lower is better)", humanize.perplexity),
+    "mmlu_accuracy": ("MMLU accuracy (%)", humanize.percent),
+    "healed": ("healed (LoRA)", lambda v: "yes" if str(v).strip().lower() in ("true", "1", "1.0") else "no"),
+}
+
+
+def _sweep_table(frame: Any) -> str:
+    cols = [c for c in _SWEEP_COLUMNS if c in frame.columns]
+    head = "".join(f"<th>{_esc(_SWEEP_COLUMNS[c][0])}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_SWEEP_COLUMNS[c][1](row[c]))}</td>" for c in cols) + "</tr>"
+                   for _, row in frame.iterrows())
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _versions() -> dict[str, str]:
@@ -101,18 +126,29 @@ def build_report_html(report: Any, *, plan: Any = None, model_info: dict[str, An
     parts.append(f"<p class='sub'>Model <b>{_esc(model_name)}</b> · {report.num_layers} decoder layers · "
                  f"layer indices are 0-based</p>")
 
+    verdict = humanize.verdict((quick or {}).get("perplexity"), (original or {}).get("perplexity"))
+    if quick and original and verdict.level != "unknown":
+        parts.append(f"<p class='verdict {'bad' if verdict.bad else 'ok'}'>{_esc(verdict.headline())}</p>")
+
     cards = [_card(f"{report.num_layers}", "layers in the model")]
     if plan is not None:
         cards.append(_card(f"{plan.num_layers_after}", f"layers after pruning (−{plan.n_removed})"))
-        cards.append(_card(f"{plan.ratio:.1%}", "pruning ratio"))
+        cards.append(_card(humanize.percent(plan.ratio), "pruning ratio (layers removed)"))
     if params_before and params_after:
-        cards.append(_card(f"{params_after / 1e6:.1f} M", f"parameters (was {params_before / 1e6:.1f} M, "
-                                                          f"−{1 - params_after / params_before:.1%})"))
+        cards.append(_card(humanize.params(params_after),
+                           f"parameters (was {humanize.params(params_before)}, "
+                           f"-{humanize.percent(1 - params_after / params_before)})"))
     if quick and original:
-        cards.append(_card(f"{quick['perplexity']:.2f}", f"perplexity (was {original['perplexity']:.2f})"))
+        cards.append(_card(humanize.perplexity(quick["perplexity"]),
+                           f"perplexity (was {humanize.perplexity(original['perplexity'])}, "
+                           f"{humanize.change(quick['perplexity'], original['perplexity'])})"))
         if original.get("tokens_per_s"):
-            cards.append(_card(f"{quick['tokens_per_s']:.1f}/s", f"tokens/s (was {original['tokens_per_s']:.1f}, "
-                                                                  f"{quick['tokens_per_s'] / original['tokens_per_s'] - 1:+.0%})"))
+            change = (humanize.change(quick["speedup"], 1.0) if quick.get("speedup")
+                      else humanize.change(quick["tokens_per_s"], original["tokens_per_s"]))
+            cards.append(_card(
+                humanize.tokens_per_s(quick["tokens_per_s"], quick.get("tokens_per_s_spread")),
+                f"generation speed (was {humanize.tokens_per_s(original['tokens_per_s'])}, {change}"
+                + ("; no win: the model is " + verdict.level if verdict.bad else "") + ")"))
     parts.append("<div class='cards'>" + "".join(cards) + "</div>")
 
     if plan is not None:
@@ -133,23 +169,22 @@ def build_report_html(report: Any, *, plan: Any = None, model_info: dict[str, An
         parts.append(f"<div{style}>{div}</div>")
     parts.append("</div>")
 
-    parts.append("<h2>Per-layer metrics</h2><table><tr><th>layer</th><th>BI</th><th>Relative Magnitude</th>"
+    parts.append("<h2>Per-layer metrics</h2><p class='sub'>All four metrics are unitless; layer indices are "
+                 "0-based.</p><table><tr><th>layer</th><th>BI</th><th>Relative Magnitude</th>"
                  "<th>cos(h_i, h_i+1)</th><th>CKA(h_i, h_i+1)</th><th>plan</th></tr>")
     status = {r["layer"]: r for r in plan_summary(plan)} if plan is not None else {}
     for i in range(report.num_layers):
         st = status.get(i, {}).get("status", "")
         into = status.get(i, {}).get("into")
         st_text = f"merged into {into}" if st == "merged" else st
-        parts.append(f"<tr><td>{i}</td><td>{report.bi[i]:.5f}</td><td>{report.magnitude[i]:.5f}</td>"
-                     f"<td>{report.cosine[i][i + 1]:.5f}</td><td>{report.cka[i][i + 1]:.5f}</td>"
+        parts.append(f"<tr><td>{i}</td><td>{report.bi[i]:.4f}</td><td>{report.magnitude[i]:.4f}</td>"
+                     f"<td>{report.cosine[i][i + 1]:.4f}</td><td>{report.cka[i][i + 1]:.4f}</td>"
                      f"<td>{_esc(st_text)}</td></tr>")
     parts.append("</table>")
 
     if sweep_frame is not None and len(sweep_frame):
         parts.append("<h2>Sweep points</h2>")
-        cols = [c for c in ("strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy")
-                if c in sweep_frame.columns]
-        parts.append(sweep_frame[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+        parts.append(_sweep_table(sweep_frame))
 
     prov = provenance(exported_by="layerlens dashboard")
     parts.append("<h2>Provenance</h2><div class='grid'><div><h3>Model</h3>")

@@ -130,3 +130,18 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     return {"config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
             "weights": h.hexdigest()[:16], "dtype": str(param.dtype).removeprefix("torch."),
             "device": param.device.type, "num_layers": layer_count(model)}
+
+
+def write_error_log(text: str, runs_dir: str | Path | None = None) -> Path | None:
+    """Keep the full story of an unexpected error (a traceback) in ``<runs>/logs/layerlens-<UTC time>.log``,
+    so the user sees one sentence naming this file; the temp folder when the runs folder is not writable,
+    None when nothing could be written."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    name = f"layerlens-{stamp}-{os.getpid()}.log"
+    base = Path(runs_dir) if runs_dir else default_runs_dir()
+    for folder in (base / "logs", Path(tempfile.gettempdir()) / "layerlens-logs"):
+        try:
+            return atomic_write_text(folder / name, text).resolve()
+        except OSError:
+            continue
+    return None

@@ -255,7 +255,8 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None, config: Sw
                     unit.seconds, unit.cached = float(saved.get("seconds", 0.0)), True
             units[(ti, pk)] = unit
 
-    total = len(units)
+    healing = 0 if config.heal is None else len(tasks) * sum(p.n_removed > 0 for p in unique.values())
+    total = len(units) + healing  # each healed plan's evaluations count as units too
     done = sum(u.cached for u in units.values())
     layer_passes = scratch_passes = 0
     held_states: dict[str, int] = {}
@@ -263,7 +264,7 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None, config: Sw
 
     def persist(unit: _Unit) -> None:
         nonlocal done
-        if runs is not None:
+        if runs is not None and not unit.cached:
             _write_point(runs, unit, identity, data_source, config)
         done += 1
         if progress is not None:
@@ -277,8 +278,7 @@ def sweep(model: torch.nn.Module, tokenizer: Any, report: Any = None, config: Sw
             scratch_passes += scratch
 
     healed = {} if config.heal is None else _heal_units(
-        model, tokenizer, tasks, units, unique, config.heal, heal_texts, ppl_texts, runs, identity, compute,
-        lambda unit: (_write_point(runs, unit, identity, data_source, config) if runs is not None else None))
+        model, tokenizer, tasks, units, unique, config.heal, heal_texts, ppl_texts, runs, identity, compute, persist)
     rows = []
     for strategy, target, plan in plans:
         pk = stable_key(effective_plan(plan))
@@ -324,6 +324,9 @@ def _heal_units(model: torch.nn.Module, tokenizer: Any, tasks: list[Any], units:
                 unit.seconds, unit.cached = float(saved.get("seconds", 0.0)), True
             mine.append(unit)
         out[pk] = mine
+        for unit in mine:
+            if unit.cached:
+                persist(unit)  # counted as done (read back, not written again)
         if compute and not all(u.cached for u in mine):
             result = heal_plan(model, tokenizer, plan, heal_texts, eval_texts, heal, runs_dir=runs)
             for i, unit in enumerate(u for u in mine if not u.cached):

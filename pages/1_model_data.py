@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.dashboard.paths import MAX_UPLOAD_MB, data_root, default_model_spec
+from layerlens import humanize
+from layerlens.dashboard.paths import MAX_UPLOAD_MB, check_model_spec, data_root, default_model_spec
 from layerlens.dashboard.settings import DATA_SOURCE_LABELS, DATA_SOURCES, DTYPE_OPTIONS, AnalysisSettings
 from layerlens.defaults import DEFAULT_MODEL_ID, DEFAULT_MODEL_LABEL
 from layerlens.metrics import CaptureConfig
@@ -124,13 +125,19 @@ with st.container(border=True):
                                 capture=capture)
     go = st.button("Analyze", type="primary", key="md_analyze", icon=":material/play_arrow:")
 
+action = st.empty()  # the Analyze click's one slot: its status or error replaces the last click's, never stacks
 if go:
-    if not settings.model:
-        st.error("Enter a model: a hub id like org/name or a folder under the data root.", icon=":material/error:")
-    elif not settings.data:
-        st.error("Choose calibration data: upload a file, or type a path or dataset name.", icon=":material/error:")
-    else:
-        jobs.run_analysis(settings)
+    with action.container():
+        if not settings.model:
+            st.error("Enter a model: a hub id like org/name or a folder under the data root.", icon=":material/error:")
+        elif not settings.data:
+            st.error("Choose calibration data: upload a file, or type a path or dataset name.", icon=":material/error:")
+        else:
+            checked = None
+            with errors.guarded("checking the model"):  # "Local folder" means a folder, whatever its shape
+                checked = check_model_spec(settings.model, local=src == "local")
+            if checked is not None:
+                jobs.run_analysis(settings)
 
 # ---- model card + first look -----------------------------------------------------------------------------
 report = session.current_report()
@@ -141,7 +148,7 @@ if report is not None and info is not None:
     m1, m2, m3, m4, m5 = st.columns(5)
     m1.metric("Architecture", info["architecture"].replace("ForCausalLM", ""), help=info["model_type"])
     m2.metric("Decoder layers", info["num_layers"])
-    m3.metric("Parameters", widgets.human_params(info["num_parameters"]))
+    m3.metric("Parameters", humanize.params(info["num_parameters"]))
     mb = info["num_parameters"] * bytes_per / 2**20
     m4.metric("Weights in memory", f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.2f} MB")
     m5.metric("Device · dtype", f"{info['device']} · {info['dtype']}")

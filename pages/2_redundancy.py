@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from layerlens.plans.slm import merge_groups
+from layerlens.plans.slm import criteria_disagreement, merge_groups
 from layerlens.plots import bi_bar, similarity_heatmap
 from pages._ui import jobs, keys, widgets
 
@@ -41,6 +41,12 @@ with st.container(border=True):
                                "SLM collapses into one layer each.")
     kinds = t2.multiselect("Matrices", ["cosine", "cka"], default=["cosine", "cka"], key="rd_kinds",
                            format_func={"cosine": "Cosine", "cka": "Linear CKA"}.get, persist_state="session")
+    disagreement = criteria_disagreement(report) if "cka" in kinds else None
+    if disagreement is not None:
+        fix = ("" if disagreement.skip_first else
+               " To see CKA without that token, set Skip first tokens to 1 on Model & data and analyse again (it "
+               "still runs as context). Sliding merge on Prune compares by cosine by default for this reason.")
+        st.info(disagreement.describe() + fix)
     cols = st.columns(max(1, len(kinds)))
     for col, kind in zip(cols, kinds, strict=False):
         with col:

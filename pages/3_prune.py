@@ -1,22 +1,20 @@
 """Prune: choose layers (by hand, by strategy + ratio, or by sliding merge), see the plan live, apply it.
 
 Moving a slider only rebuilds the plan from the session's report (no forward pass); "Apply" runs surgery
-on a NEW model (the cached original is never touched) and measures a quick before/after.
+on a NEW model (the cached original is never touched) and measures a quick before/after. An invalid
+selection clears the plan everywhere (metrics, strip, sidebar) and disables Apply: no stale plan on screen.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
+from layerlens import humanize
 from layerlens.compare import QUICK_WINDOWS
-from layerlens.dashboard.planning import (
-    PLAN_MODE_LABELS,
-    PLAN_MODES,
-    PlanSettings,
-    build_plan,
-    params_after,
-)
-from layerlens.plans import label_of, strategy_names
+from layerlens.dashboard.planning import PLAN_MODE_LABELS, PLAN_MODES, build_plan, params_after
+from layerlens.plans import FORMULA_NOTES, MERGE_FORMULAS, label_of, plan_summary, strategy_names
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
 from pages._ui import errors, jobs, keys, resources, session, widgets
 
@@ -29,16 +27,18 @@ shared = None
 with errors.guarded("loading the model"):
     shared = resources.shared_for_report()
 if shared is None:  # the model could not be loaded: nothing to prune
-    st.stop()
+    session.stop_page()
+
+FORMULA_LABELS = {"task_vector": "Task vector (the papers')", "keep_top": "Keep the top layer", "mean": "Mean"}
 
 
 def _on_bar_select() -> None:
-    """Box/lasso selection on the bar chart -> the hand-picked layers."""
-    event = ss.get("pr_bar")
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
-    picked = sorted({int(p["x"]) for p in points if "x" in p})
-    if picked:
-        ss["pr_layers"] = picked
+    """Box/lasso selection on the bar chart ADDS to the hand-picked layers."""
+    ss["pr_layers"] = widgets.add_selection(ss.get("pr_layers", []), ss.get("pr_bar"))
+
+
+def _clear_picks() -> None:
+    ss["pr_layers"] = []
 
 
 # ---- how to choose ----------------------------------------------------------------------------------------
@@ -46,6 +46,7 @@ with st.container(border=True):
     mode = st.radio("How to choose the layers", PLAN_MODES, format_func=PLAN_MODE_LABELS.get, horizontal=True,
                     index=PLAN_MODES.index(ps.mode) if ps.mode in PLAN_MODES else 0, key="pr_mode",
                     persist_state="session")
+    count_note = None  # filled once the plan is built: "0.25 → 8 of 30 layers = 26.7%"
     new_ps = ps
     if mode == "strategy":
         c1, c2 = st.columns([1, 2])
@@ -56,18 +57,18 @@ with st.container(border=True):
         ratio = c2.slider("Pruning ratio (fraction of layers to remove)", 0.0, 0.9, float(ps.ratio), 0.01,
                           key="pr_ratio", persist_state="session", format="%.2f",
                           help="k = round(ratio × layers) layers are removed")
-        new_ps = PlanSettings(mode="strategy", strategy=strategy, ratio=float(ratio), layers=ps.layers,
-                              slm_by=ps.slm_by, threshold=ps.threshold, target_ratio=ps.target_ratio,
-                              criterion=ps.criterion)
+        count_note, asked = c2.empty(), f"{ratio:.2f}"
+        new_ps = replace(ps, mode="strategy", strategy=strategy, ratio=float(ratio))
     elif mode == "manual":
         if "pr_layers" not in ss:
             ss["pr_layers"] = [i for i in ps.layers if 0 <= i < L]
-        st.caption("Box- or lasso-select bars on the chart below, or pick layers in the list.")
-        layers = st.multiselect("Layers to remove (0-based)", list(range(L)), key="pr_layers",
+        st.caption("Box- or lasso-select bars on the chart below to **add** layers, or pick them in the list.")
+        p1, p2 = st.columns([6, 1], vertical_alignment="bottom")
+        layers = p1.multiselect("Layers to remove (0-based)", list(range(L)), key="pr_layers",
                                 persist_state="session")
-        new_ps = PlanSettings(mode="manual", strategy=ps.strategy, ratio=ps.ratio, layers=tuple(sorted(layers)),
-                              slm_by=ps.slm_by, threshold=ps.threshold, target_ratio=ps.target_ratio,
-                              criterion=ps.criterion)
+        p2.button("Clear picks", key="pr_clear", on_click=_clear_picks, disabled=not layers,
+                  icon=":material/backspace:", help="Remove every hand-picked layer from the list")
+        new_ps = replace(ps, mode="manual", layers=tuple(sorted(layers)))
     else:
         c1, c2, c3 = st.columns([1, 1, 2])
         criterion = c1.radio("Similarity", ["cka", "cosine"], format_func={"cka": "CKA", "cosine": "Cosine"}.get,
@@ -81,74 +82,106 @@ with st.container(border=True):
                                   min(max(float(ps.threshold), 0.5), 1.0), 0.005, key="pr_threshold",
                                   persist_state="session", format="%.3f",
                                   help="Consecutive layers whose outputs are at least this similar merge into one")
+            asked = f"threshold {threshold:.3f}"
         else:
             target = c3.slider("Target ratio (largest merge plan not above it)", 0.0, 0.9, float(ps.target_ratio),
                                0.01, key="pr_target", persist_state="session", format="%.2f")
-        new_ps = PlanSettings(mode="slm", strategy=ps.strategy, ratio=ps.ratio, layers=ps.layers, slm_by=slm_by,
-                              threshold=float(threshold), target_ratio=float(target), criterion=criterion)
+            asked = f"target {target:.2f}"
+        count_note = c3.empty()
+        f1, f2 = st.columns([1, 3])
+        formula = f1.selectbox("Merge formula", MERGE_FORMULAS, format_func=FORMULA_LABELS.get, key="pr_formula",
+                               index=MERGE_FORMULAS.index(ps.formula) if ps.formula in MERGE_FORMULAS else 0,
+                               persist_state="session", help="How each window of similar layers becomes one layer")
+        if formula == "task_vector":  # the papers' formula: can break the model on wide windows
+            f2.warning(FORMULA_NOTES[formula], icon=":material/warning:")
+        else:
+            f2.caption(FORMULA_NOTES.get(formula, ""))
+        new_ps = replace(ps, mode="slm", slm_by=slm_by, threshold=float(threshold), target_ratio=float(target),
+                         criterion=criterion, formula=formula)
     session.set_plan_settings(new_ps)
 
-# ---- the plan, live ---------------------------------------------------------------------------------------
-plan = ss.get(keys.SS_PLAN)
+# ---- the plan, live (or none: no stale plan on screen) ----------------------------------------------------
+plan = None
 with errors.guarded("building the plan"):
     plan = build_plan(report, new_ps)
-    ss[keys.SS_PLAN] = plan
-if plan is None or plan.num_layers != L:
-    st.stop()
+if plan is not None and plan.num_layers != L:
+    plan = None
+ss[keys.SS_PLAN] = plan
+ss[keys.SS_PLAN_ERROR] = plan is None
 
-total = shared.info.num_parameters
-after = params_after(total, shared.per_layer_params, plan)
+if count_note is not None:
+    verb = "merged away" if mode == "slm" else "removed"
+    count_note.caption(f"{asked} → {plan.n_removed} of {L} layers {verb} = {humanize.percent(plan.ratio)}"
+                       if plan is not None else f"{asked} → no valid plan")
+
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Layers", f"{plan.num_layers_after} / {L}", delta=f"-{plan.n_removed}" if plan.n_removed else "0",
-          delta_color="off")
-m2.metric("Pruning ratio", f"{plan.ratio:.1%}", help="Layers removed / layers of the model (whole layers)")
-m3.metric("Parameters", widgets.human_params(after), delta=f"-{(total - after) / total:.1%}" if after < total else "0",
-          delta_color="off", help=f"{total:,} → {after:,}")
-m4.metric("Strategy", plan.strategy)
-st.markdown(f"**Plan:** `{plan.describe()}`")
-from layerlens.plans import plan_summary  # noqa: E402
-
-widgets.chart(layer_strip(plan_summary(plan)), key="pr_strip")
+if plan is not None:
+    total = shared.info.num_parameters
+    after = params_after(total, shared.per_layer_params, plan)
+    m1.metric("Layers", f"{plan.num_layers_after} / {L}", delta=f"-{plan.n_removed}" if plan.n_removed else "0",
+              delta_color="off")
+    m2.metric("Pruning ratio", humanize.percent(plan.ratio), help="Layers removed / layers of the model (whole layers)")
+    m3.metric("Parameters", humanize.params(after),
+              delta=f"-{humanize.percent((total - after) / total)}" if after < total else "0",
+              delta_color="off", help=f"{total:,} → {after:,}")
+    m4.metric("Strategy", plan.strategy)
+    st.markdown(f"**Plan:** `{plan.describe()}`")
+    widgets.chart(layer_strip(plan_summary(plan)), key="pr_strip")
+else:
+    for col, label in zip((m1, m2, m3, m4), ("Layers", "Pruning ratio", "Parameters", "Strategy"), strict=True):
+        col.metric(label, humanize.MISSING)
+    st.caption("No valid plan: the metrics, the layer strip and **Apply** come back once the selection is valid.")
 
 if mode == "slm":
-    widgets.chart(similarity_heatmap(report, new_ps.criterion, groups=plan.merge), key="pr_heat")
+    if plan is not None:
+        widgets.chart(similarity_heatmap(report, new_ps.criterion, groups=plan.merge), key="pr_heat")
 else:
     metric = "magnitude" if mode == "strategy" and new_ps.strategy == "magnitude" else "bi"
-    widgets.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="pr_bar", on_select=_on_bar_select,
-             selection_mode=("box", "lasso"))
+    marked = plan.removed_layers if plan is not None else new_ps.layers if mode == "manual" else ()
+    bars = bi_bar(report, metric, highlight=marked)
+    if mode == "manual":  # selecting bars picks layers
+        widgets.chart(bars, key="pr_bar", on_select=_on_bar_select, selection_mode=("box", "lasso"))
+    else:
+        widgets.chart(bars.update_layout(dragmode="zoom"), key="pr_bar")
 
 # ---- apply ------------------------------------------------------------------------------------------------
 st.subheader("Apply and compare")
 with st.container(border=True):
     prompt = st.text_input("Prompt for the side-by-side generation", value="The king said to his daughter,",
                            key="pr_prompt", persist_state="session")
-    apply = st.button("Apply plan", type="primary", icon=":material/content_cut:", key="pr_apply", disabled=plan.n_removed == 0,
+    apply = st.button("Apply plan", type="primary", icon=":material/content_cut:", key="pr_apply",
+                      disabled=plan is None or plan.n_removed == 0,
                       help="Builds the pruned model (a new object; the cached original is untouched) and "
                            f"measures perplexity on {QUICK_WINDOWS} held-out windows and generation speed.")
-    if plan.n_removed == 0:
+    if plan is None:
+        st.caption("Fix the selection above to apply a plan.")
+    elif plan.n_removed == 0:
         st.caption("The plan removes no layer yet: move a slider or pick layers.")
-    if apply:
-        with errors.guarded("applying the plan"), st.spinner("Pruning and measuring…"):
+    if apply and plan is not None:
+        with errors.guarded("applying the plan"), resources.quick_progress("Pruning and measuring") as progress:
             model_key = session.current_settings().model_key()
             new_model = resources.apply_only(shared, plan)
-            both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt)
+            both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt, progress)
             quick, original = both["pruned"], both["original"]
             ss[keys.SS_PRUNED] = {"plan_json": plan.to_json(), "plan": plan, "model": new_model, "quick": quick,
                                 "original": original, "prompt": prompt}
+            widgets.remember_applied(plan, quick, original)
 
     pruned = ss.get(keys.SS_PRUNED)
     if pruned is not None:
-        if pruned["plan_json"] != plan.to_json():
+        if plan is None or pruned["plan_json"] != plan.to_json():
             st.info(f"Showing the last applied plan ({pruned['plan'].describe()}); press **Apply plan** to apply "
                     "the one above.", icon=":material/info:")
         o, q = pruned["original"], pruned["quick"]
+        verdict = widgets.verdict_of(q, o)
+        widgets.show_verdict(verdict)
         a1, a2, a3 = st.columns(3)
-        a1.metric(f"Perplexity ({q['windows']} windows × {q['seq_len']} tokens)", f"{q['perplexity']:.2f}",
-                  delta=f"{q['perplexity'] - o['perplexity']:+.2f} vs {o['perplexity']:.2f}", delta_color="inverse")
-        a2.metric("Generation speed", f"{q['tokens_per_s']:.1f} tokens/s",
-                  delta=f"{q['tokens_per_s'] / o['tokens_per_s'] - 1:+.0%} vs {o['tokens_per_s']:.1f}"
-                  if o["tokens_per_s"] > 0 else None)
-        a3.metric("Surgery time", f"{q.get('surgery_s', 0) * 1000:.0f} ms")
+        widgets.perplexity_metric(a1, q, o)
+        widgets.speed_metric(a2, q, o, verdict)
+        a3.metric("Surgery time", humanize.seconds(q.get("surgery_s")))
+        st.caption(widgets.quick_basis(q))
+        with errors.guarded("measuring plain removal"), st.spinner("Measuring plain removal of as many layers…"):
+            widgets.merge_vs_removal(pruned["plan"], q, shared, session.current_settings().model_key(), report)
         g1, g2 = st.columns(2)
         with g1, st.container(border=True):
             st.markdown(f"**Original** ({L} layers)")
@@ -156,4 +189,7 @@ with st.container(border=True):
         with g2, st.container(border=True):
             st.markdown(f"**Pruned** ({pruned['plan'].num_layers_after} layers)")
             st.text(pruned["prompt"] + q["generation"])
+        widgets.history_table()
+        st.page_link("pages/7_heal.py", label="Heal the pruned model (LoRA, distillation from the original) on "
+                     "**Heal**", icon=":material/healing:")
         st.page_link("pages/5_export.py", label="Save or download the pruned model on **Export**", icon=":material/save:")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import streamlit as st
 
 from layerlens.dashboard import store
+from layerlens.dashboard.sweeps import RATIO_CHOICES, SweepSettings, rough_seconds, unique_plans
 from layerlens.dashboard.tables import current_marker
-from layerlens.plans import label_of, strategy_names
-from layerlens.plots import sweep_figure
-from pages._ui import errors, jobs, keys, resources, session, widgets
+from layerlens.defaults import MMLU_SUBJECTS
+from layerlens.plans import label_of
+from layerlens.plots_curves import sweep_figure
+from pages._ui import errors, jobs, keys, resources, session, sweeping, widgets
 
 report = jobs.report_page(__file__, "Evaluate")
 ss = st.session_state
@@ -21,58 +23,81 @@ shared = None
 with errors.guarded("loading the model"):
     shared = resources.shared_for_report()
 if shared is None:
-    st.stop()
+    session.stop_page()
 
-STRATS = strategy_names(size="count")  # sized by a ratio alone, from the report or none: one curve each
-RATIOS = tuple(round(0.05 * i, 2) for i in range(0, 15))
-
+start = session.requested_sweep()  # a share link's settings, else the defaults (widgets keep their own after)
 with st.container(border=True):
     c1, c2 = st.columns(2)
-    strategies = c1.multiselect("Strategies (one curve each)", STRATS, default=["bi", "reverse"],
+    choices = session.sweep_strategies()
+    strategies = c1.multiselect("Strategies (one curve each)", choices,
+                                default=[x for x in start.strategies if x in choices],
                                 format_func=label_of, key="ev_strategies", persist_state="session")
-    ratios = c2.multiselect("Pruning ratios", RATIOS, default=[0.0, 0.1, 0.2, 0.3, 0.4], key="ev_ratios",
+    ratios = c2.multiselect("Pruning ratios", RATIO_CHOICES, default=list(start.ratios), key="ev_ratios",
                             format_func=lambda r: f"{r:.0%}", persist_state="session")
     d1, d2, d3, d4 = st.columns(4)
-    windows = d1.number_input("Perplexity windows", 1, 256, 8, key="ev_windows", persist_state="session",
+    windows = d1.number_input("Perplexity windows", 1, 256, start.windows, key="ev_windows", persist_state="session",
                               help="Held-out Shakespeare windows (plays disjoint from the calibration plays)")
-    seq_len = d2.number_input("Window length (tokens)", 16, 4096, 256, step=64, key="ev_seq_len",
+    seq_len = d2.number_input("Window length (tokens)", 16, 4096, start.seq_len, step=64, key="ev_seq_len",
                               persist_state="session")
-    use_mmlu = d3.checkbox("MMLU", value=True, key="ev_mmlu", persist_state="session",
+    use_mmlu = d3.checkbox("MMLU", value=start.mmlu, key="ev_mmlu", persist_state="session",
                            help="Bundled MMLU test questions, scored by answer-letter log-likelihood")
-    per_subject = d4.number_input("MMLU questions per subject (57 subjects)", 1, 100, 1, key="ev_mmlu_n",
-                                  persist_state="session", disabled=not use_mmlu)
-    from layerlens.defaults import MMLU_SUBJECTS
-
-    subjects = st.multiselect("MMLU subjects (empty = all 57)", MMLU_SUBJECTS, default=[], key="ev_subjects",
-                              persist_state="session", disabled=not use_mmlu,
+    per_subject = d4.number_input("MMLU questions per subject (57 subjects)", 1, 100, start.mmlu_per_subject,
+                                  key="ev_mmlu_n", persist_state="session", disabled=not use_mmlu)
+    subjects = st.multiselect("MMLU subjects (empty = all 57)", MMLU_SUBJECTS, default=list(start.subjects),
+                              key="ev_subjects", persist_state="session", disabled=not use_mmlu,
                               format_func=lambda s: s.replace("_", " "))
-    include_current = st.checkbox("Also evaluate the current plan from the Prune page", value=True,
+    e1, e2 = st.columns([3, 1], vertical_alignment="bottom")
+    include_current = e1.checkbox("Also evaluate the current plan from the Prune page", value=start.include_current,
                                   key="ev_current", persist_state="session")
+    heal_s = e2.number_input("Heal every point for (s, 0 = off)", 0, 3600, int(start.heal_seconds), step=10,
+                             key="ev_heal", persist_state="session",
+                             help="LoRA with distillation from the original (the Heal page's defaults) for this "
+                                  "many seconds per pruned point, then the same evaluations: a dashed healed curve "
+                                  "beside each strategy's. Healed points are saved and read back like the others.")
+    sweep = SweepSettings(tuple(strategies), tuple(sorted(ratios)), int(windows), int(seq_len), bool(use_mmlu),
+                          int(per_subject), tuple(subjects), bool(include_current), float(heal_s))
+    session.set_sweep_settings(sweep)  # the URL carries them: a link copied now opens these settings
+    plan = session.current_plan(report)
+    current = plan if include_current else None
+    estimate = None
+    if strategies and ratios:
+        with errors.guarded("estimating the sweep's time"):
+            estimate = sweeping.sweep_estimate(shared, report, sweep, current)
     b1, b2 = st.columns([1, 5])
     run = b1.button("Run sweep", type="primary", icon=":material/play_arrow:", key="ev_run")
-    b2.caption("Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep again "
-               "resumes where it stopped.")
+    guess = ""
+    if estimate is not None:
+        how = ("as fast as the earlier sweeps on this model ran" if estimate.timing.source == "earlier sweeps"
+               else "from timing one short perplexity window on this machine")
+        healing = ""
+        if heal_s:
+            n_heal = len([p for p in unique_plans([p for _, _, p in sweeping.sweep_plans(report, sweep, current)])
+                          if p.n_removed])
+            healing = (f" plus **{rough_seconds(n_heal * heal_s)}** of healing ({n_heal} pruned point{'s' if n_heal != 1 else ''} × {heal_s} s; "
+                       "each healed point is then evaluated too)")
+        guess = (f"Estimated time: **about {rough_seconds(estimate.seconds)}** for "
+                 f"{len(estimate.unit_seconds)} evaluations{healing} ({how}; points finished earlier are read back "
+                 "at once). ")
+    b2.caption(guess + "Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep "
+               "again resumes where it stopped.")
 
 stopped = ss.pop(keys.SS_SWEEP_STOPPED, False)
-plan = session.current_plan(report)
 settings = session.current_settings()
-sweep_key = store.sweep_key(settings, report, strategies, ratios, int(windows), int(seq_len),
-                         (int(per_subject), tuple(sorted(subjects))) if use_mmlu else 0,
-                         plan.to_json() if include_current and plan is not None else "")
+sweep_key = store.sweep_key(settings, report, sweep.strategies, sweep.ratios, sweep.windows, sweep.seq_len,
+                            (sweep.mmlu_per_subject, tuple(sorted(sweep.subjects))) if sweep.mmlu else 0,
+                            plan.to_json() if include_current and plan is not None else "", sweep.heal_seconds)
 
 if run:
     if not strategies or not ratios:
         st.error("Pick at least one strategy and one ratio.", icon=":material/error:")
     else:
         with errors.guarded("running the sweep"):
-            frame = jobs.run_sweep(shared, report, strategies, ratios, windows=int(windows), seq_len=int(seq_len),
-                                 mmlu_per_subject=int(per_subject) if use_mmlu else 0, subjects=subjects,
-                                 current_plan=plan if include_current else None, key=sweep_key)
+            frame = sweeping.run_sweep(shared, report, sweep, current_plan=current, key=sweep_key, estimate=estimate)
             ss[keys.SS_SWEEP] = (sweep_key, frame)
 
 # A sweep stopped (Stop, any other widget) or failed: take the points it read back. After a click the
 # stopped run may still be finishing while this one already runs; this waits for it.
-still_busy = not jobs.collect_stopped_sweep(sweep_key)
+still_busy = not sweeping.collect_stopped_sweep(sweep_key)
 saved = ss.get(keys.SS_SWEEP)
 frame = saved[1] if saved and saved[0] == sweep_key else store.load_sweep(sweep_key)
 if stopped:
@@ -85,9 +110,10 @@ if frame is None and saved:
     frame = saved[1]
     st.caption("Showing the last sweep of this session (its settings differ from the ones above).")
 if frame is None:
-    st.info("No sweep for these settings yet: press **Run sweep**. With the defaults it takes about a minute "
-            "on a CPU.", icon=":material/info:")
-    st.stop()
+    st.info("No sweep for these settings yet: press **Run sweep**"
+            + (f" (about {rough_seconds(estimate.seconds)} on this machine)." if estimate is not None else "."),
+            icon=":material/info:")
+    session.stop_page()
 
 curves = frame[frame["strategy"] != "current"]
 
@@ -112,5 +138,6 @@ head = (f"{len(frame)} points · **a stopped sweep**: only the finished evaluati
 st.caption(f"{head} · perplexity on held-out plays (lower is better) · MMLU chance level is 25%.")
 show = frame.copy()
 show["ratio"] = (100 * show["ratio"]).round(1)
-st.dataframe(show[["strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_accuracy", "seconds",
-                   "cached"]].rename(columns={"ratio": "ratio (%)"}), hide_index=True, width="stretch")
+columns = ["strategy", "ratio", "n_removed", "removed_layers", *(["healed"] if "healed" in show else []),
+           "perplexity", "mmlu_accuracy", "seconds", "cached"]
+st.dataframe(show[columns].rename(columns={"ratio": "ratio (%)"}), hide_index=True, width="stretch")

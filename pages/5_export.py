@@ -21,8 +21,9 @@ from layerlens.export import (
 )
 from layerlens.plans import get_strategy
 from layerlens.plans.slm import merge_groups
-from layerlens.plots import bi_bar, layer_strip, similarity_heatmap, sweep_figure
-from pages._ui import errors, jobs, keys, resources, session
+from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
+from layerlens.plots_curves import sweep_figure
+from pages._ui import errors, healing, jobs, keys, resources, session, widgets
 
 report = jobs.report_page(__file__, "Export")
 ss = st.session_state
@@ -33,6 +34,22 @@ sweep_frame = sweep_state[1] if sweep_state else None
 info = ss.get(keys.SS_MODEL_INFO) or {}
 short = safe_name(str(info.get("model", "model")).rstrip("/").split("/")[-1], "model")
 exports = store.exports_dir()
+healed = healing.current(pruned, session.current_settings().model_key())
+
+
+def _save(model, applied, target, heal=None) -> None:
+    """Save ``model`` (the pruned or the healed one) with its plan, under the model's lock."""
+    shared = resources.shared_for_report()
+    with resources.model_lock(shared):
+        # Provenance records only what the plan used: the report's data for a report plan.
+        from_report = get_strategy(applied.strategy).uses_report(applied.params.get("criterion"))
+        used = report.data_provenance() if from_report else {"data": None}
+        save_pruned(model, shared.tokenizer, applied, target, report=report if from_report else None,
+                    meta={"source_model": info, **used}, heal=heal)
+    ss[keys.SS_SAVED_MODEL] = str(target)
+    st.success(f"Saved to {target}. Load it with AutoModelForCausalLM.from_pretrained('{target}').",
+               icon=":material/check_circle:")
+
 
 # ---- pruned model -----------------------------------------------------------------------------------------
 st.subheader("Pruned model")
@@ -44,6 +61,10 @@ with st.container(border=True):
     else:
         p = pruned["plan"]
         st.markdown(f"Applied plan: `{p.describe()}`")
+        verdict = widgets.verdict_of(pruned.get("quick"), pruned.get("original"))
+        widgets.show_verdict(verdict)
+        if verdict.bad:
+            st.caption("Saving it still works (e.g. to heal it by fine-tuning), but do not use it as it is.")
         default_name = f"{short}-{p.strategy}-{p.num_layers_after}L"
         name = safe_name(st.text_input("Folder name", value=default_name, key="ex_name"), default_name)
         target = exports / name
@@ -51,16 +72,19 @@ with st.container(border=True):
                    "(config.json, model.safetensors, tokenizer) plus `layerlens_plan.json`.")
         if st.button("Save pruned model", type="primary", icon=":material/save:", key="ex_save_model"):
             with errors.guarded("saving the pruned model"), st.spinner("Saving…"):
-                shared = resources.shared_for_report()
-                with resources.model_lock(shared):
-                    # Provenance records only what the plan used: the report's data for a report plan.
-                    from_report = get_strategy(p.strategy).uses_report(p.params.get("criterion"))
-                    used = report.data_provenance() if from_report else {"data": None}
-                    save_pruned(pruned["model"], shared.tokenizer, p, target, report=report if from_report else None,
-                                meta={"source_model": info, **used})
-                ss[keys.SS_SAVED_MODEL] = str(target)
-                st.success(f"Saved to {target}. Load it with AutoModelForCausalLM.from_pretrained('{target}').",
-                           icon=":material/check_circle:")
+                _save(pruned["model"], p, target)
+        if healed is not None:  # issue 15: the healed model (LoRA merged into the weights) beside it
+            st.markdown(f"**Healed model**: {healing.describe(healed['record'])}")
+            healed_name = safe_name(st.text_input("Folder name (healed)", value=f"{default_name}-healed",
+                                                  key="ex_healed_name"), f"{default_name}-healed")
+            if st.button("Save healed model", type="primary", icon=":material/healing:", key="ex_save_healed",
+                         help="The same format, the LoRA merged into the weights (no peft needed); "
+                              "layerlens_plan.json gains a `heal` object (loss, steps, perplexity before/after, "
+                              "curve, settings)."):
+                with errors.guarded("saving the healed model"), st.spinner("Saving…"):
+                    _save(healed["model"], p, exports / healed_name, heal=healed["record"])
+        else:
+            st.caption("Heal it first on **Heal** to save a healed model too.")
         saved = ss.get(keys.SS_SAVED_MODEL)
         if saved:
             from pathlib import Path

@@ -1,5 +1,7 @@
-"""Summary (stakeholder demo): one screen -- model, layers removed and why, size and speed saved, quality kept,
-the heatmap that motivated it. The URL carries the state (model, data size, strategy, ratio): share it."""
+"""Summary (stakeholder demo): one screen a non-expert reads in 30 seconds -- whether the pruned model is
+usable (a verdict from its perplexity against the original's), what was removed and why, what it costs in
+quality, what it saves, and what the quick numbers rest on. The URL carries the state (model, data size,
+strategy, ratio): share it."""
 
 from __future__ import annotations
 
@@ -7,13 +9,14 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
+from layerlens import humanize
 from layerlens.dashboard.mmlu import mmlu_comparison
 from layerlens.dashboard.planning import params_after, plan_reason
 from layerlens.dashboard.share import to_query
-from layerlens.plans import plan_summary
+from layerlens.plans import label_of, plan_summary
 from layerlens.plans.slm import merge_groups
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
-from pages._ui import errors, jobs, keys, resources, session, widgets
+from pages._ui import errors, healing, jobs, keys, resources, session, widgets
 
 session.require_router(__file__)
 
@@ -24,11 +27,13 @@ shared = None
 with errors.guarded("loading the model"):
     shared = resources.shared_for_report()
 if shared is None:
-    st.stop()
+    session.stop_page()
 
 plan = session.current_plan(report)
 if plan is None:
-    st.stop()
+    st.info("No valid plan to summarise: fix the selection on **Prune**.", icon=":material/info:")
+    st.page_link("pages/3_prune.py", label="Go to Prune", icon=":material/content_cut:")
+    session.stop_page()
 
 model_name = widgets.short_model(info.get("model", "model"))
 st.title(f"{model_name}: {plan.num_layers_after} of {plan.num_layers} layers kept")
@@ -37,13 +42,13 @@ st.caption(widgets.report_caption(report))
 # ---- quality and speed (cached per model + plan: a shared link reuses them) ------------------------------
 pruned = ss.get(keys.SS_PRUNED)
 quick = original = None
+model_key = session.current_settings().model_key()
 if pruned is not None and pruned["plan_json"] == plan.to_json():
     quick, original, prompt = pruned["quick"], pruned["original"], pruned["prompt"]
 elif plan.n_removed > 0:
     prompt = "The king said to his daughter,"
     with errors.guarded("measuring the pruned model"), st.spinner("Measuring perplexity and speed (a few seconds)…"):
-        key = session.current_settings().model_key()
-        both = resources.cached_quick_compare(shared, key, plan.to_json(), prompt)
+        both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt)
         quick, original = both["pruned"], both["original"]
 
 
@@ -52,42 +57,59 @@ def _frames() -> list:
     return ([saved[1]] if saved else []) + jobs.saved_sweeps_for(report)
 
 
+# ---- the verdict: is the result usable? -------------------------------------------------------------------
+verdict = widgets.verdict_of(quick, original)
+if plan.n_removed == 0:
+    st.info("This plan removes no layer: the model is unchanged.", icon=":material/info:")
+else:
+    widgets.show_verdict(verdict)
+
+# ---- what was removed, and why ----------------------------------------------------------------------------
+with st.container(border=True):
+    removed = ", ".join(map(str, plan.removed_layers)) or "none"
+    how = "merged away" if plan.method == "merge" else "removed"
+    st.markdown(f"**What was {how}:** {plan.n_removed} of {plan.num_layers} layers "
+                f"({humanize.percent(plan.ratio)}) — layers {removed} · strategy **{label_of(plan.strategy)}**")
+    st.markdown(plan_reason(report, plan))
+
+# ---- what it costs, what it saves -------------------------------------------------------------------------
 total = shared.info.num_parameters
 after = params_after(total, shared.per_layer_params, plan)
-c1, c2, c3, c4, c5 = st.columns(5)
-c1.metric("Layers removed", f"{plan.n_removed} of {plan.num_layers}", delta=f"-{plan.ratio:.0%} depth",
-          delta_color="off")
-c2.metric("Parameters", widgets.human_params(after), delta=f"-{(total - after) / total:.1%} ({widgets.human_params(total)})",
-          delta_color="off")
-if quick and original and original["tokens_per_s"] > 0:
-    c3.metric("Generation speed", f"{quick['tokens_per_s']:.1f} tok/s",
-              delta=f"{quick['tokens_per_s'] / original['tokens_per_s'] - 1:+.0%}")
-    c4.metric(f"Perplexity ({quick['windows']}×{quick['seq_len']} tok)", f"{quick['perplexity']:.2f}",
-              delta=f"{quick['perplexity'] - original['perplexity']:+.2f} (was {original['perplexity']:.2f})",
-              delta_color="inverse")
-else:
-    c3.metric("Generation speed", "–")
-    c4.metric("Perplexity", "–")
-mmlu = mmlu_comparison(_frames(), plan.removed_layers)
-if mmlu is not None:
-    se = mmlu.standard_error_pts()
-    if mmlu.meaningful and mmlu.before is not None:
-        c5.metric("MMLU accuracy", f"{mmlu.after:.1%}", delta=mmlu.delta_text(),
-                  help=f"Standard error ±{se:.1f} pts at {mmlu.questions} questions (binomial)")
-    else:  # too few questions (or an unknown count): the value, but no difference presented as a result
-        c5.metric("MMLU accuracy", f"{mmlu.after:.1%}", delta=mmlu.delta_text(), delta_color="off",
-                  delta_arrow="off", help="More MMLU questions per subject on the Evaluate page make this "
-                                          "comparison meaningful" + (f" (now ±{se:.1f} pts)" if se else ""))
-else:
-    c5.metric("MMLU accuracy", "–", help="Run a sweep with MMLU on the Evaluate page to fill this in")
+cost, save = st.columns(2, border=True)
+with cost:
+    st.markdown("**What it costs in quality**")
+    k1, k2 = st.columns(2)
+    if quick and original:
+        widgets.perplexity_metric(k1, quick, original)
+    else:
+        k1.metric("Perplexity", humanize.MISSING)
+    widgets.mmlu_metric(k2, mmlu_comparison(_frames(), plan.removed_layers))
+with save:
+    st.markdown("**What it saves**")
+    s1, s2, s3 = st.columns(3)
+    s1.metric("Layers removed", f"{plan.n_removed} of {plan.num_layers}",
+              delta=f"-{humanize.percent(plan.ratio, 0)} depth", delta_color="off")
+    s2.metric("Parameters", humanize.params(after), delta=f"-{humanize.percent((total - after) / total)}",
+              delta_color="off", help=f"{total:,} → {after:,} ({humanize.params(total)} before)")
+    if quick and original and original.get("tokens_per_s"):
+        widgets.speed_metric(s3, quick, original, verdict)
+    else:
+        s3.metric("Generation speed", humanize.MISSING)
+if quick:
+    st.caption(widgets.quick_basis(quick))
+    with errors.guarded("measuring plain removal"), st.spinner("Measuring plain removal of as many layers…"):
+        widgets.merge_vs_removal(plan, quick, shared, model_key, report)
 
-# ---- which layers and why ---------------------------------------------------------------------------------
-with st.container(border=True):
-    st.markdown(f"**Removed:** layers {', '.join(map(str, plan.removed_layers)) or 'none'} "
-                f"· strategy **{plan.strategy}**")
-    st.markdown(plan_reason(report, plan))
-    widgets.chart(layer_strip(plan_summary(plan)), key="sm_strip")
+# ---- healed (issue 15): original, pruned and healed side by side ------------------------------------------
+healed = healing.current(pruned, model_key) if quick is not None and pruned is not None \
+    and pruned["plan_json"] == plan.to_json() else None
+if healed is not None:
+    with st.container(border=True):
+        st.markdown(f"**Healed** with LoRA ({healing.describe(healed['record'])})")
+        healing.show_comparison(healed)
 
+# ---- the pictures -----------------------------------------------------------------------------------------
+widgets.chart(layer_strip(plan_summary(plan)), key="sm_strip")
 f1, f2 = st.columns(2)
 with f1:
     if plan.strategy == "slm":
@@ -99,7 +121,7 @@ with f2:
     metric = "magnitude" if plan.strategy == "magnitude" else "bi"
     widgets.chart(bi_bar(report, metric, highlight=plan.removed_layers), key="sm_bar")
 
-if quick and original:
+if quick and original and healed is None:  # healed: the three generations are in the comparison above
     g1, g2 = st.columns(2)
     with g1, st.container(border=True):
         st.markdown(f"**Original** ({plan.num_layers} layers)")
@@ -107,6 +129,8 @@ if quick and original:
     with g2, st.container(border=True):
         st.markdown(f"**Pruned** ({plan.num_layers_after} layers)")
         st.text(prompt + quick["generation"])
+
+widgets.history_table()
 
 # ---- share ------------------------------------------------------------------------------------------------
 settings = session.current_settings()

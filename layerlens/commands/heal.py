@@ -19,13 +19,13 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from ..cli import add_data_args, add_model_args, add_runs_arg, cli_progress, load_from_args
+from ..cli import add_data_args, add_model_args, add_runs_arg, cli_progress
 from ..data import load_texts
 from ..errors import LayerLensError
 from ..export import PLAN_FILE, plan_record, save_pruned
 from ..heal import HealConfig, heal_plan
 from ..runs import atomic_dir, atomic_write_json, default_runs_dir, provenance
-from .prune import _add_plan_args, _check_args, _check_out, build_plan, format_plan
+from .prune import add_plan_args, format_plan, load_and_plan
 
 
 def _config(args: argparse.Namespace) -> HealConfig:
@@ -53,15 +53,8 @@ def _save_adapter(result: Any, plan: Any, tokenizer: Any, out: Path, record: dic
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LayerLensError(f"--out '{out}' is a file; give a folder for the healed model.")
     config = _config(args)
-    config.validate()
-    loaded = load_from_args(args)
-    _check_out(out, loaded)
-    plan, report, data = build_plan(args, loaded)
+    out, loaded, plan, report, data = load_and_plan(args, "healed model", config.validate)
     if plan.n_removed == 0:
         raise LayerLensError("The plan removes no layer, so there is nothing to heal; give a plan that prunes.")
     train = load_texts(args.data, role="calibration", field=args.text_field)
@@ -100,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_data_args(p, seq_len=128)  # --data: the training texts (and the report's calibration data)
     add_runs_arg(p)
-    _add_plan_args(p)
+    add_plan_args(p)
     g = p.add_argument_group("healing (LoRA through peft)")
     g.add_argument("--loss", choices=["lm", "kd", "both"], default="kd",
                    help="lm: next-token loss; kd: distillation from the original (the teacher); both: weighted")

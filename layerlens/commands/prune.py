@@ -2,9 +2,9 @@
 
     layerlens prune --model M (--remove 3,5,7 | --merge 4-6 [--merge 9-10] | --plan FILE
                                | --strategy S (--ratio R | --n N)
-                               | --strategy slm (--threshold T | --ratio R) [--criterion cka|cosine|output]
+                               | --strategy slm (--threshold T | --ratio R) [--criterion cosine|cka|output]
                                | --strategy laco --threshold T [--laco-m M] [--laco-interval I])
-                    [--formula task_vector|keep_top|mean] [--report report.json] [data args] --out DIR
+                    [--formula keep_top|task_vector|mean] [--report report.json] [data args] --out DIR
 
 The output folder holds a model plain ``transformers`` loads, its tokenizer, and ``layerlens_plan.json``
 (the plan, the report it came from, provenance). It is written in a temp folder and renamed, so a
@@ -14,6 +14,7 @@ failure leaves nothing half-written. Indices are 0-based.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..data import calibration_tokens, check_seq_len, load_texts
 from ..errors import LayerLensError, PlanError
 from ..export import save_pruned
 from ..plans import (
+    DEFAULT_MERGE_FORMULA,
     MERGE_FORMULAS,
     PLAN_FILE,
     PrunePlan,
@@ -52,7 +54,7 @@ PARAM_DEST = {"m": "laco_m", "interval": "laco_interval"}
 SIZE_PARAMS = ("ratio", "n", "threshold", "seed")
 
 # -- argument parsing (all checks happen before the model is loaded) -----------------------------------------
-def _check_args(args: argparse.Namespace) -> None:
+def check_plan_args(args: argparse.Namespace) -> None:
     """Refuse inconsistent or out-of-range arguments with one sentence, before any work."""
     chosen = [
         f
@@ -189,7 +191,7 @@ def _check_out(out: Path, loaded: Any) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    _check_args(args)
+    check_plan_args(args)
     loaded = load_from_args(args)
     plan, _, _ = build_plan(args, loaded)
     if args.json:
@@ -199,14 +201,23 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_prune(args: argparse.Namespace) -> int:
-    _check_args(args)
+def load_and_plan(args: argparse.Namespace, what: str,
+                  check: Callable[[], None] | None = None) -> tuple[Path, Any, PrunePlan, Any, dict[str, Any] | None]:
+    """The output folder (checked), the loaded model and the plan with its report and data, for a command
+    that saves ``what`` (e.g. "pruned model"); ``check`` runs extra argument checks before any loading."""
+    check_plan_args(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise LayerLensError(f"--out '{out}' is a file; give a folder for the pruned model.")
+        raise LayerLensError(f"--out '{out}' is a file; give a folder for the {what}.")
+    if check is not None:
+        check()
     loaded = load_from_args(args)
     _check_out(out, loaded)
-    plan, report, data = build_plan(args, loaded)
+    return (out, loaded, *build_plan(args, loaded))
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    out, loaded, plan, report, data = load_and_plan(args, "pruned model")
     replacement = None
     replacement_data = None
     if args.replace != "none":
@@ -260,7 +271,7 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_plan_args(p: argparse.ArgumentParser) -> None:
+def add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan (0-based layer indices)")
     g.add_argument("--remove", default=None, help="layers to remove, e.g. 3,5,7 or 4-6 (inclusive)")
     g.add_argument(
@@ -287,17 +298,21 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threshold", type=float, default=None, help="similarity threshold in [-1, 1] (slm, laco)"
     )
+    criterion = get_strategy("slm").param("criterion")
     g.add_argument(
         "--criterion",
-        choices=get_strategy("slm").param("criterion").choices,
-        default="cka",
-        help="slm similarity: cka/cosine from the report (instant) or output (forward passes)",
+        choices=criterion.choices,
+        default=criterion.default,
+        help=f"slm similarity (default {criterion.default}): cka/cosine from the report (instant) or output "
+             "(forward passes); on the default model only cosine windows stayed usable without healing",
     )
     g.add_argument(
         "--formula",
         choices=MERGE_FORMULAS,
-        default="task_vector",
-        help="merge: task_vector (paper formula), keep_top (what the published code computes), mean",
+        default=DEFAULT_MERGE_FORMULA,
+        help=f"merge formula (default {DEFAULT_MERGE_FORMULA}): keep_top makes each window its top layer (what "
+             "the published SLM/LaCo code computes); task_vector is the papers' formula and degrades windows of "
+             "three or more layers; mean averages the window",
     )
     g.add_argument(
         "--keep-last",
@@ -319,7 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_data_args(p)
     add_runs_arg(p)
-    _add_plan_args(p)
+    add_plan_args(p)
     g = p.add_argument_group("LLM-Streamline replacement (with --strategy streamline)")
     g.add_argument(
         "--replace",
@@ -337,6 +352,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("plan", help="print the pruning plan a strategy gives, without saving a model")
     add_model_args(q)
     add_data_args(q)
-    _add_plan_args(q)
+    add_plan_args(q)
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     q.set_defaults(func=run_plan, replace="none")

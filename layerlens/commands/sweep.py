@@ -58,7 +58,7 @@ def _heal_config(args: argparse.Namespace) -> HealConfig | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plots import sweep_figure  # heavy: pandas (~0.3 s), only for a sweep, not at CLI start
+    from ..plots_curves import sweep_figure  # heavy: pandas (~0.3 s), only for a sweep, not at CLI start
 
     strategies, ratios = _strategies(args.strategies), _floats(args.ratios)
     inputs = eval_inputs(args)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import LayerLensError
-from ..loading import is_hub_id
+from ..loading import is_hub_id, looks_like_path, missing_folder
 
 ENV_MODEL = "LAYERLENS_DEFAULT_MODEL"
 ENV_DATA_ROOT = "LAYERLENS_DATA_ROOT"
@@ -48,7 +48,9 @@ def confine_path(text: str, *, kind: str = "file", root: Path | None = None) -> 
         raise LayerLensError(f"'{raw}' is outside the allowed data folder {root}; copy it there, or start the "
                              f"dashboard with {ENV_DATA_ROOT} set to a folder that contains it.")
     if not resolved.exists():
-        raise LayerLensError(f"'{raw}' does not exist under {root}; check the path.")
+        if kind == "dir":
+            raise missing_folder(raw, f" under {root}")
+        raise LayerLensError(f"The file '{raw}' does not exist under {root}; check the path.")
     if kind == "dir" and not resolved.is_dir():
         raise LayerLensError(f"'{raw}' is a file; give the model folder that holds config.json.")
     if kind == "file" and not resolved.is_file():
@@ -56,14 +58,21 @@ def confine_path(text: str, *, kind: str = "file", root: Path | None = None) -> 
     return resolved
 
 
-def check_model_spec(spec: str) -> str:
-    """Only the bundled default, the server's configured default, hub ids and folders under the data root."""
+def check_model_spec(spec: str, *, local: bool = False) -> str:
+    """Only the bundled default, the server's configured default, hub ids and folders under the data root.
+
+    ``local``: the user chose "Local folder", so the spec is a folder even if it has a hub id's shape; a
+    spec that looks like a path (:func:`layerlens.loading.looks_like_path`, relative to the data root) is
+    one too. A folder that is not there is said to be missing, never looked up on the hub.
+    """
     spec = (spec or "").strip()
     if spec in ("default", default_model_spec()):
         return spec
-    if is_hub_id(spec) and not Path(spec).exists():
+    root = data_root()
+    if not local and is_hub_id(spec) and not looks_like_path(spec, root) \
+            and not Path(spec).exists() and not (root / spec).exists():
         return spec
-    return str(confine_path(spec, kind="dir"))
+    return str(confine_path(spec, kind="dir", root=root))
 
 
 def check_upload(name: str, size: int, limit_mb: int = MAX_UPLOAD_MB) -> str:

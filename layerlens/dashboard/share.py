@@ -1,5 +1,6 @@
-"""The share link: the state a stakeholder URL carries (model, data size, plan), written short and read
-back defensively (a hand-edited or hostile URL falls back to the defaults, never to an error)."""
+"""The share link: the state a stakeholder URL carries (model, data size, plan, the Evaluate page's sweep
+settings), written short and read back defensively (a hand-edited or hostile URL falls back to the
+defaults, never to an error)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from typing import Any
 
 from ..errors import PlanError
 from ..metrics import CaptureConfig
-from ..plans import parse_layers, strategy_names
+from ..plans import MERGE_FORMULAS, parse_layers, strategy_names
 from .planning import PLAN_MODES, PlanSettings
 from .settings import DTYPE_OPTIONS, AnalysisSettings
+from .sweeps import RATIO_CHOICES, SweepSettings
+
+SWEEP_PARAMS = ("ev_strategies", "ev_ratios", "ev_windows", "ev_seq_len", "ev_mmlu", "ev_subjects", "ev_current",
+                "ev_heal")
 
 
-def to_query(settings: AnalysisSettings, ps: PlanSettings | None) -> dict[str, str]:
+def to_query(settings: AnalysisSettings, ps: PlanSettings | None,
+             sweep: SweepSettings | None = None) -> dict[str, str]:
     """Query parameters for a share link (only non-default values, short and readable)."""
     q: dict[str, str] = {"model": settings.model}
     if settings.revision:
@@ -38,12 +44,72 @@ def to_query(settings: AnalysisSettings, ps: PlanSettings | None) -> dict[str, s
             q["layers"] = ",".join(map(str, ps.layers))
         else:
             q["criterion"] = ps.criterion
+            if ps.formula != PlanSettings.formula:
+                q["formula"] = ps.formula
             q["slm_by"] = ps.slm_by
             if ps.slm_by == "ratio":
                 q["target_ratio"] = f"{ps.target_ratio:g}"
             else:
                 q["threshold"] = f"{ps.threshold:g}"
+    if sweep is not None:
+        q |= sweep_query(sweep)
     return q
+
+
+def sweep_query(sweep: SweepSettings) -> dict[str, str]:
+    """The ``ev_*`` parameters of the Evaluate page's settings that differ from its defaults."""
+    d, q = SweepSettings(), {}
+    if sweep.strategies != d.strategies:
+        q["ev_strategies"] = ",".join(sweep.strategies)
+    if sweep.ratios != d.ratios:
+        q["ev_ratios"] = ",".join(f"{r:g}" for r in sweep.ratios)
+    if sweep.windows != d.windows:
+        q["ev_windows"] = str(sweep.windows)
+    if sweep.seq_len != d.seq_len:
+        q["ev_seq_len"] = str(sweep.seq_len)
+    if (sweep.mmlu, sweep.mmlu_per_subject) != (d.mmlu, d.mmlu_per_subject):
+        q["ev_mmlu"] = str(sweep.mmlu_per_subject) if sweep.mmlu else "off"
+    if sweep.subjects != d.subjects:
+        q["ev_subjects"] = ",".join(sweep.subjects)
+    if sweep.include_current != d.include_current:
+        q["ev_current"] = "1" if sweep.include_current else "0"
+    if sweep.heal_seconds != d.heal_seconds:
+        q["ev_heal"] = f"{sweep.heal_seconds:g}"
+    return q
+
+
+def sweep_from_query(params: Mapping[str, Any], strategies: tuple[str, ...],
+                     subjects: tuple[str, ...]) -> SweepSettings | None:
+    """The Evaluate settings of a share link (None when it has none); ``strategies`` and ``subjects`` are
+    the choices the page offers: anything else, and out-of-range numbers, fall back to the defaults."""
+    p = dict(params)
+    if not any(k in p for k in SWEEP_PARAMS):
+        return None
+    d, upd = SweepSettings(), {}
+    names = [x for x in str(p.get("ev_strategies", "") or "")[:500].split(",") if x in strategies]
+    if names:
+        upd["strategies"] = tuple(dict.fromkeys(names))
+    ratios = [_num(x, float, 0.0, 1.0) for x in str(p.get("ev_ratios", "") or "")[:500].split(",")]
+    ratios = [c for c in RATIO_CHOICES if any(r is not None and abs(r - c) < 1e-9 for r in ratios)]
+    if ratios:
+        upd["ratios"] = tuple(ratios)
+    for name, field, lo, hi in (("ev_windows", "windows", 1, 256), ("ev_seq_len", "seq_len", 16, 4096)):
+        v = _num(p.get(name), int, lo, hi)
+        if v is not None:
+            upd[field] = v
+    mmlu = str(p.get("ev_mmlu", "") or "")
+    if mmlu == "off":
+        upd["mmlu"] = False
+    elif (n := _num(mmlu, int, 1, 100)) is not None:
+        upd["mmlu"], upd["mmlu_per_subject"] = True, n
+    chosen = [x for x in str(p.get("ev_subjects", "") or "")[:3000].split(",") if x in subjects]
+    if chosen:
+        upd["subjects"] = tuple(dict.fromkeys(chosen))
+    if p.get("ev_current") in ("0", "1"):
+        upd["include_current"] = p["ev_current"] == "1"
+    if (heal := _num(p.get("ev_heal"), int, 0, 3600)) is not None:
+        upd["heal_seconds"] = float(heal)
+    return replace(d, **upd)
 
 
 def _num(value: Any, cast: type, lo: float, hi: float) -> Any:
@@ -101,6 +167,8 @@ def from_query(params: Mapping[str, Any], base: AnalysisSettings | None = None,
         pu["slm_by"] = p["slm_by"]
     if p.get("criterion") in ("cka", "cosine"):
         pu["criterion"] = p["criterion"]
+    if p.get("formula") in MERGE_FORMULAS:
+        pu["formula"] = p["formula"]
     if p.get("layers"):
         with contextlib.suppress(PlanError):
             pu["layers"] = parse_layers(str(p["layers"])[:2000])
@@ -115,4 +183,4 @@ def settings_fields() -> tuple[str, ...]:
     return tuple(names)
 
 
-__all__ = ["from_query", "settings_fields", "to_query"]
+__all__ = ["SWEEP_PARAMS", "from_query", "settings_fields", "sweep_from_query", "sweep_query", "to_query"]

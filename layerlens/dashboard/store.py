@@ -1,7 +1,8 @@
 """Where the dashboard keeps its results, so a restart, a share link or another session finds them:
 ``<runs>/dashboard/analyze/<settings key>.json`` (reports), ``<runs>/dashboard/sweeps/<sweep key>.csv`` (+ a
 ``.json`` saying which model and analysis the sweep belongs to), and ``<runs>/exports/`` (saved models,
-figures). ``<runs>`` is :func:`layerlens.runs.default_runs_dir`."""
+figures), ``<runs>/dashboard/timing/<model key>.json`` (how fast sweeps ran on a model, for the Evaluate
+page's estimate). ``<runs>`` is :func:`layerlens.runs.default_runs_dir`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd
 
 from ..runs import atomic_write_json, atomic_write_text, default_runs_dir, stable_key
 from .settings import AnalysisSettings
+from .sweeps import SweepTiming
 
 
 def runs_dir() -> Path:
@@ -32,12 +34,13 @@ def analysis_path(key: str) -> Path:
 
 
 def sweep_key(settings: AnalysisSettings | None, report: Any, strategies: Iterable[str], ratios: Iterable[float],
-              windows: int, seq_len: int, mmlu: Any, current_plan_json: str) -> str:
-    """The name of a sweep: model, analysis, strategies, ratios, evaluation settings and the current plan."""
+              windows: int, seq_len: int, mmlu: Any, current_plan_json: str, heal_seconds: float = 0.0) -> str:
+    """The name of a sweep: model, analysis, strategies, ratios, evaluation settings, the current plan and
+    the healing budget (only when healing: the names of sweeps without it stay as they were)."""
     return stable_key({"model": settings.model_key() if settings else None, "report": report.meta.get("created"),
                        "strategies": sorted(strategies), "ratios": sorted(float(r) for r in ratios),
                        "windows": windows, "seq_len": seq_len, "mmlu": mmlu,
-                       "current": current_plan_json})
+                       "current": current_plan_json} | ({"heal_seconds": float(heal_seconds)} if heal_seconds else {}))
 
 
 def sweep_csv(key: str) -> Path:
@@ -84,7 +87,23 @@ def saved_sweeps(model_key: Sequence[Any], report_created: Any) -> list[pd.DataF
     return out
 
 
+def timing_path(model_key: Sequence[Any]) -> Path:
+    return runs_dir() / "timing" / f"{stable_key(list(model_key))}.json"
+
+
+def load_timing(model_key: Sequence[Any]) -> SweepTiming | None:
+    """How fast evaluations ran on this model here (an earlier sweep or calibration); None if unknown."""
+    try:
+        return SweepTiming.from_dict(json.loads(timing_path(model_key).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_timing(model_key: Sequence[Any], timing: SweepTiming) -> None:
+    atomic_write_json(timing_path(model_key), timing.to_dict())
+
+
 __all__ = [
-    "analysis_path", "exports_dir", "load_sweep", "runs_dir", "save_sweep", "saved_sweeps", "sweep_csv",
-    "sweep_key",
+    "analysis_path", "exports_dir", "load_sweep", "load_timing", "runs_dir", "save_sweep", "save_timing",
+    "saved_sweeps", "sweep_csv", "sweep_key", "timing_path",
 ]

@@ -26,7 +26,7 @@ def matrix_csv(matrix: Any) -> str:
 
 
 def current_marker(frame: Any, plan: Any, metric: str) -> dict[str, Any] | None:
-    """The ``current=`` argument of :func:`layerlens.plots.sweep_figure` for ``plan``: its ratio, and its
+    """The ``current=`` argument of :func:`layerlens.plots_curves.sweep_figure` for ``plan``: its ratio, and its
     value when the sweep evaluated it (a row with strategy ``current`` removing the same layers)."""
     if plan is None:
         return None

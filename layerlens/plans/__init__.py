@@ -10,7 +10,17 @@
 """
 
 from . import strategies as _strategies  # noqa: F401  (registers the built-in entries)
-from .plan import MERGE_FORMULAS, METHODS, PLAN_FILE, PrunePlan, parse_layers, plan_summary, ratio_to_count
+from .plan import (
+    DEFAULT_MERGE_FORMULA,
+    FORMULA_NOTES,
+    MERGE_FORMULAS,
+    METHODS,
+    PLAN_FILE,
+    PrunePlan,
+    parse_layers,
+    plan_summary,
+    ratio_to_count,
+)
 from .ranking import lowest_k
 from .registry import (
     Param,
@@ -24,10 +34,11 @@ from .registry import (
     strategy_names,
     unregister,
 )
-from .slm import slm_plan
+from .slm import DEFAULT_SLM_CRITERION, slm_plan
 
 __all__ = [
-    "MERGE_FORMULAS", "METHODS", "PLAN_FILE", "Param", "PlanRequest", "PrunePlan", "Strategy", "get_strategy",
-    "label_of", "lowest_k", "make_plan", "parse_layers", "plan_summary", "ratio_to_count", "register",
-    "slm_plan", "strategies", "strategy_names", "unregister",
+    "DEFAULT_MERGE_FORMULA", "DEFAULT_SLM_CRITERION", "FORMULA_NOTES", "MERGE_FORMULAS", "METHODS", "PLAN_FILE",
+    "Param", "PlanRequest", "PrunePlan", "Strategy", "get_strategy", "label_of", "lowest_k", "make_plan",
+    "parse_layers", "plan_summary", "ratio_to_count", "register", "slm_plan", "strategies", "strategy_names",
+    "unregister",
 ]

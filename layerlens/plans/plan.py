@@ -27,6 +27,17 @@ from .registry import is_registered, strategy_names
 
 METHODS = ("remove", "merge")
 MERGE_FORMULAS = ("task_vector", "keep_top", "mean")
+# What every merge builder uses unless told otherwise: it measured best without healing on the default model
+# (bench/bench_merge_defaults.py). A plan file without ``merge_formula`` still means task_vector (see PrunePlan).
+DEFAULT_MERGE_FORMULA = "keep_top"
+# One line per merge formula, for a face to show beside the choice.
+FORMULA_NOTES: dict[str, str] = {
+    "task_vector": "The SLM/LaCo papers' formula: it adds up every merged layer's difference from the base, so a "
+                   "window of three or more layers lands far from every trained layer and can break the model.",
+    "keep_top": "Each window becomes its top layer (what the published SLM and LaCo code compute); the same as "
+                "task_vector for two-layer windows, and far better for wider ones.",
+    "mean": "The plain average of the window's layers: usually worse than keep_top without healing.",
+}
 PLAN_FILE = "layerlens_plan.json"
 
 def _as_index(x: Any, what: str) -> int:

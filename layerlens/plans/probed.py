@@ -16,9 +16,9 @@ from ..adapters import layer_count
 from ..data import batches
 from ..errors import PlanError
 from ..surgery import apply_plan, check_mergeable
-from .plan import MERGE_FORMULAS, PrunePlan, check_threshold
+from .plan import DEFAULT_MERGE_FORMULA, MERGE_FORMULAS, PrunePlan, check_threshold
 from .registry import PlanRequest
-from .slm import slm_plan
+from .slm import DEFAULT_SLM_CRITERION, slm_plan
 
 Progress = Callable[[int, int, str], None]
 
@@ -74,7 +74,7 @@ def slm_output_plan(
     threshold: float,
     *,
     keep_last: bool = True,
-    formula: str = "task_vector",
+    formula: str = DEFAULT_MERGE_FORMULA,
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> PrunePlan:
@@ -140,7 +140,7 @@ def laco_plan(
     interval: int = 1,
     lowest: int = 0,
     highest: int | None = None,
-    formula: str = "task_vector",
+    formula: str = DEFAULT_MERGE_FORMULA,
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> PrunePlan:
@@ -223,9 +223,9 @@ def build_laco(req: PlanRequest) -> PrunePlan:
 
 def build_slm(req: PlanRequest) -> PrunePlan:
     """``slm`` from the registry: ``cka``/``cosine`` read the report (instant); ``output`` probes the model."""
-    criterion = req.option("criterion", "cka")
+    criterion = req.option("criterion", DEFAULT_SLM_CRITERION)
     keep_last = req.option("keep_last", True)
-    formula = req.option("formula", "task_vector")
+    formula = req.option("formula", DEFAULT_MERGE_FORMULA)
     if req.n is not None:
         raise PlanError("SLM takes a threshold or a target ratio, not a layer count.")
     if criterion == "output":

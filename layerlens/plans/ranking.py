@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PlanError
-from .plan import PrunePlan, ratio_to_count
+from .plan import DEFAULT_MERGE_FORMULA, PrunePlan, ratio_to_count
 from .registry import PlanRequest
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ build_streamline = removal(_streamline)
 
 def build_manual(req: PlanRequest) -> PrunePlan:
     merge = req.option("merge")
-    formula = req.option("formula", "task_vector")
+    formula = req.option("formula", DEFAULT_MERGE_FORMULA)
     req.no_extra()
     if merge:
         if req.layers:

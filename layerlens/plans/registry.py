@@ -78,8 +78,6 @@ RATIO = Param("ratio", float, lo=0.0, hi=1.0, hi_open=True,
 N = Param("n", int, lo=0, help="number of layers to remove (instead of ratio)")
 THRESHOLD = Param("threshold", float, lo=-1.0, hi=1.0, help="similarity threshold")
 SEED = Param("seed", int, default=0, help="random seed")
-FORMULA = Param("formula", str, default="task_vector", choices=("task_vector", "keep_top", "mean"),
-                help="merge formula")
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PlanError
-from .plan import MERGE_FORMULAS, PrunePlan, check_ratio, check_threshold
+from .plan import DEFAULT_MERGE_FORMULA, MERGE_FORMULAS, PrunePlan, check_ratio, check_threshold
 
 if TYPE_CHECKING:
     from ..report import LayerReport
+
+# SLM's default similarity: on the default model cosine windows were the only merges that stayed under 2x the
+# original perplexity without healing (at ratio 0.1; bench/bench_merge_defaults.py), and an attention sink
+# drives CKA there (see criteria_disagreement below).
+DEFAULT_SLM_CRITERION = "cosine"
+
 
 def _slm_groups(
     sim: Callable[[int, int], float], num_layers: int, threshold: float, keep_last: bool
@@ -42,9 +49,9 @@ def slm_plan(
     threshold: float | None = None,
     *,
     target_ratio: float | None = None,
-    criterion: str = "cka",
+    criterion: str = DEFAULT_SLM_CRITERION,
     keep_last: bool = True,
-    formula: str = "task_vector",
+    formula: str = DEFAULT_MERGE_FORMULA,
 ) -> PrunePlan:
     """Sliding layer merging from the report (SLM's "representation" view; instant).
 
@@ -125,3 +132,55 @@ def merge_groups(report: LayerReport, kind: str, threshold: float) -> list[tuple
 def similar_runs(report: LayerReport, kind: str, threshold: float) -> list[tuple[int, int]]:
     """The residual-state ranges (s, e) of :func:`merge_groups` (layer i's output is state i+1)."""
     return [(g[0] + 1, g[-1] + 1) for g in merge_groups(report, kind, threshold)]
+
+
+# Where the two report criteria disagree the way an attention sink makes them: a layer whose output stays
+# nearly parallel to its input (cosine high) while linear CKA between the two collapses.
+SINK_COSINE_MIN = 0.8
+SINK_CKA_MAX = 0.5
+
+
+@dataclass(frozen=True)
+class CriteriaDisagreement:
+    """Layers whose input->output CKA is far below their input->output cosine (``report.cka[i][i+1]``
+    against ``report.cosine[i][i+1]``), and how many leading tokens the analysis already left out."""
+
+    layers: tuple[int, ...]
+    cka: tuple[float, ...]
+    cosine: tuple[float, ...]
+    skip_first: int = 0
+
+    def describe(self) -> str:
+        """Where the criteria disagree and why, in two plain sentences (no interface words: the fix is the
+        face's to say)."""
+        many = len(self.layers) > 1
+        where = _and(f"{i}" for i in self.layers)
+        ckas = _and(f"{v:.2f}" for v in self.cka)
+        text = (f"CKA and cosine disagree at layer{'s' if many else ''} {where}: "
+                f"{'each' if many else 'the'} layer's output stays nearly parallel to its input "
+                f"(cosine ≥ {min(self.cosine):.2f}) yet CKA is only {ckas} "
+                f"(heatmap cell{'s' if many else ''} {_and(f'h{i}–h{i + 1}' for i in self.layers)}). ")
+        if self.skip_first:
+            return text + (f"The first {self.skip_first} token(s) of every sample are already left out, so another "
+                           "token with massive activations probably dominates CKA; read the cosine heatmap.")
+        return text + ("The first token of every sample is an attention sink: its norm is many times the "
+                       "others', so linear CKA measures mostly that one token and CKA's runs follow the sink, "
+                       "not the layers.")
+
+
+def _and(items: Any) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def criteria_disagreement(report: LayerReport) -> CriteriaDisagreement | None:
+    """Where CKA and cosine disagree like an attention sink makes them (see the constants above), or None."""
+    hits = []
+    for i in range(report.num_layers):
+        cos, cka = report.cosine[i][i + 1], report.cka[i][i + 1]
+        if cos >= SINK_COSINE_MIN and cka <= SINK_CKA_MAX:  # NaN compares False: never a hit
+            hits.append((i, cka, cos))
+    if not hits:
+        return None
+    return CriteriaDisagreement(tuple(h[0] for h in hits), tuple(h[1] for h in hits), tuple(h[2] for h in hits),
+                                int(report.meta.get("skip_first") or 0))

@@ -7,6 +7,7 @@ sweeps (defaults). The builders live in the modules named after what they do.
 
 from __future__ import annotations
 
+from .plan import DEFAULT_MERGE_FORMULA, MERGE_FORMULAS
 from .ranking import (
     build_bi,
     build_block,
@@ -21,10 +22,13 @@ from .ranking import (
     reason_block,
     reason_streamline,
 )
-from .registry import FORMULA, RATIO, SEED, THRESHOLD, N, Param, Strategy, register
-from .slm import reason_slm
+from .registry import RATIO, SEED, THRESHOLD, N, Param, Strategy, register
+from .slm import DEFAULT_SLM_CRITERION, reason_slm
 
 COUNT = (RATIO, N)
+FORMULA = Param("formula", str, default=DEFAULT_MERGE_FORMULA, choices=MERGE_FORMULAS,
+                help="merge formula (keep_top: each window's top layer; task_vector: the papers' formula, which "
+                     "degrades windows of three or more layers; mean: the average)")
 
 BUILT_IN = (
     Strategy("bi", "Block Influence (ShortGPT)", "#1f77b4",
@@ -56,7 +60,7 @@ BUILT_IN = (
              reason_slm, size="threshold_or_ratio", needs_report=True, forward_criteria=("output",),
              on_prune_page=False,
              params=(THRESHOLD, RATIO, FORMULA,
-                     Param("criterion", str, default="cka", choices=("cka", "cosine", "output"),
+                     Param("criterion", str, default=DEFAULT_SLM_CRITERION, choices=("cka", "cosine", "output"),
                            help="cka/cosine from the report (instant) or output (forward passes)"),
                      Param("keep_last", bool, default=True, help="never merge the last layer"))),
     Strategy("laco", "Layer Collapse (LaCo)", "#393b79",

@@ -4,7 +4,9 @@
 * :mod:`.errors` -- user errors shown as one ``st.error`` sentence;
 * :mod:`.session` -- the session's settings, report and plan; share-link in, URL sync out; the router guard;
 * :mod:`.resources` -- the cached shared model and its lock, uploads, cached quick before/after numbers;
-* :mod:`.jobs` -- long work with progress: the analysis (Cancel) and the sweep (Stop, resume);
+* :mod:`.jobs` -- the analysis: a thread that outlives a page change, followed with progress (Cancel);
+* :mod:`.sweeping` -- the sweep: estimated time, progress with time left (Stop, resume);
+* :mod:`.healing` -- healing the applied pruned model (a thread: live loss curve, Stop) and its result;
 * :mod:`.widgets` -- charts, captions, the sidebar.
 
 Caching rules (STYLE.md habit 8):

@@ -1,5 +1,6 @@
-"""Errors at the UI boundary: a user error is one ``st.error`` sentence (never a traceback), and the
-results already on screen stay."""
+"""Errors at the UI boundary: a user error is one ``st.error`` sentence (never a traceback), an
+unexpected one is one sentence naming the log file that holds its traceback, and the results already on
+screen stay."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import streamlit as st
 
 from layerlens.cli import FLAGS
 from layerlens.errors import LayerLensError, for_interface
+from layerlens.runs import write_error_log
 
 log = logging.getLogger("layerlens.dashboard")
 
@@ -23,7 +25,8 @@ PARAMETER_NAMES = FLAGS
 
 @contextlib.contextmanager
 def guarded(what: str) -> Iterator[None]:
-    """Show a user error as one ``st.error`` sentence (never a traceback); earlier results stay on screen."""
+    """Show a user error as one ``st.error`` sentence, an unexpected one as :func:`unexpected` (never a
+    traceback, never ``st.exception``); earlier results stay on screen."""
     try:
         yield
     except LayerLensError as exc:
@@ -40,10 +43,18 @@ def guarded(what: str) -> Iterator[None]:
             st.error(f"Out of memory while {what}; lower the samples, sequence length or batch size, or load "
                      "the model in bfloat16.", icon=":material/error:")
         else:
-            log.error("unexpected error while %s:\n%s", what, traceback.format_exc())
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            st.error(f"Unexpected error while {what} ({type(exc).__name__}: {first[:300]}); earlier results are "
-                     "kept. Try smaller settings or another model; the server log has the details.", icon=":material/error:")
+            st.error(unexpected(exc, what), icon=":material/error:")
+
+
+def unexpected(exc: BaseException, what: str) -> str:
+    """One sentence for an error nobody foresaw (never a traceback on screen): what failed, the error's
+    type and first line, and the log file under the runs folder that holds the traceback."""
+    details = "".join(traceback.format_exception(exc))
+    log.error("unexpected error while %s:\n%s", what, details)
+    path = write_error_log(f"dashboard: unexpected error while {what}\n\n{details}")
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+    where = f"the full log is in {path}" if path else "the server log has the details"
+    return f"Unexpected error while {what} ({type(exc).__name__}: {first}); earlier results are kept, {where}."
 
 
 @contextlib.contextmanager

@@ -1,51 +1,44 @@
-"""Long work with progress: the analysis (Cancel keeps what is on screen) and the sweep (Stop keeps the
-finished points, Run sweep resumes from them). Results are persisted (``layerlens.dashboard.store``)."""
+"""The analysis, long work with progress: a thread of its own (a page change does not lose it), followed
+by whichever script run comes next; Cancel keeps what is on screen. Reports are persisted
+(``layerlens.dashboard.store``). The sweep's long work is :mod:`.sweeping`."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
 import time
-import traceback
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from layerlens import metrics
 from layerlens.dashboard import store
 from layerlens.dashboard.settings import AnalysisSettings
-from layerlens.data import load_texts
-from layerlens.questions import load_questions
+from layerlens.errors import LayerLensError
 from layerlens.report import LayerReport
-from layerlens.runs import default_runs_dir
-from layerlens.sweep import SweepConfig, make_plans
 
 from .errors import guarded, status_error_on_failure
 from .keys import (
-    SS_AUTO,
     SS_CANCELLED,
+    SS_JOB,
     SS_MODEL_INFO,
     SS_PRUNED,
     SS_REPORT,
     SS_REQUESTED,
     SS_SETTINGS,
-    SS_SWEEP,
-    SS_SWEEP_PARTIAL,
-    SS_SWEEP_RUNNING,
-    SS_SWEEP_STOPPED,
+    SS_UPLOAD,
 )
-from .resources import SharedModel, get_model, model_lock, resolve_texts
-from .session import current_settings, requested_settings, require_router
+from .resources import get_model, resolve_texts
+from .session import current_settings, requested_settings, require_router, stop_page
 from .widgets import report_caption
 
 log = logging.getLogger("layerlens.dashboard")
 
-# ----------------------------------------------------------------------------------------------------------
-# Analysis with progress, cancel, disk cache
-# ----------------------------------------------------------------------------------------------------------
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -58,8 +51,183 @@ def _saved_report(path: Path) -> Any:
     return LayerReport.from_dict(_read_report(str(path), path.stat().st_mtime_ns))
 
 
+@dataclass
+class AnalysisJob:
+    """One analysis in a thread of its own. A click on another page stops the script run that started
+    it (Streamlit's fast reruns), never the thread: the next run, on whichever page, shows its progress
+    (:func:`follow`) and takes its result into the session. The thread never touches ``st``; it only
+    writes the fields below, which the following run reads."""
+
+    settings: AnalysisSettings
+    texts: Any
+    fingerprint: str
+    label: str
+    first_visit: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    heading: str = ""  # the status box's label now
+    notes: list[str] = field(default_factory=list)  # lines of the status box, in order
+    fraction: float | None = None  # the progress bar (None: no bar yet)
+    bar_text: str = ""
+    final: str = ""  # the status box's label once done
+    result: tuple[Any, AnalysisSettings, dict] | None = None  # (report, settings, model info)
+    error: Exception | None = None
+    taken: bool = False  # a script run put the result in the session (or showed the error)
+
+    def run(self) -> None:
+        try:
+            self._analyze()
+        except Exception as exc:  # noqa: BLE001 - shown by the script run that follows the job
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def _analyze(self) -> None:
+        settings = self.settings
+        t0 = time.perf_counter()
+        shared = get_model(settings)
+        info = shared.info
+        self.notes.append(f"Model ready: {info.architecture}, {info.num_layers} layers, "
+                          f"{info.num_parameters / 1e6:.1f} M parameters on {info.device} "
+                          f"({time.perf_counter() - t0:.1f} s).")
+        key = settings.key(f"{self.fingerprint}|{info.source_path}|{info.num_parameters}")
+        path = store.analysis_path(key)
+        if path.exists():
+            report = _saved_report(path)
+            self.final = f"Loaded the saved analysis ({report.num_layers} layers)"
+        else:
+            config = settings.capture
+            self.heading = f"{self.label}: {config.samples} samples × {config.seq_len} tokens…"
+            self.fraction, self.bar_text = 0.0, "Starting…"
+            t1 = time.perf_counter()
+
+            def progress(done: int, total: int, msg: str) -> None:
+                rate = (time.perf_counter() - t1) / max(done, 1)
+                self.fraction = min(done / max(total, 1), 1.0)
+                self.bar_text = f"{msg} · about {rate * (total - done):.0f} s left"
+
+            meta = dict(model=info.model, revision=info.revision, model_type=info.model_type,
+                        dtype=info.dtype, device=info.device, source="dashboard")
+            if not shared.lock.acquire(blocking=False):
+                self.notes.append("Another session is using this model; waiting for it to finish…")
+                shared.lock.acquire()
+            try:
+                if path.exists():  # another session ran this very analysis while this one waited
+                    report = _saved_report(path)
+                    self.final = f"Loaded the analysis another session just saved ({report.num_layers} layers)"
+                else:
+                    report = metrics.analyze(shared.model, shared.tokenizer, self.texts, config, progress=progress,
+                                             should_stop=self.cancel.is_set, meta=meta)
+                    report.save(path)
+                    self.final = f"Analyzed {report.num_layers} layers in {time.perf_counter() - t1:.1f} s"
+            finally:
+                shared.lock.release()
+        self.result = (report, settings, info.to_dict())
+
+
+def _texts(settings: AnalysisSettings) -> tuple[Any, str]:
+    """:func:`resources.resolve_texts`, with an upload's problems told by the user's file name (the copy
+    this session keeps is a temp file whose path means nothing to them)."""
+    try:
+        return resolve_texts(settings)
+    except LayerLensError as exc:
+        up = st.session_state.get(SS_UPLOAD)
+        if not up or not settings.data.startswith("upload:"):
+            raise
+        text = str(exc)
+        for temp in (up["path"], str(Path(up["path"]).parent)):
+            text = text.replace(temp, up["name"])
+        named = copy.copy(exc)  # the same error class (DataError, ...), told in the user's words
+        named.args = (text,)
+        raise named from exc
+
+
+def start_analysis(settings: AnalysisSettings, *, label: str = "Analyzing", first_visit: bool = False) -> AnalysisJob:
+    """Check the settings and the data here (a user error is shown at once), then analyze in a thread.
+
+    The job goes into the session before its thread starts: a run stopped in between leaves no thread
+    that nobody follows. A job still running for this session is cancelled (the newest request wins).
+    """
+    settings.validate()
+    texts, fingerprint = _texts(settings)
+    settings = replace(settings, data_label=texts.source)
+    job = AnalysisJob(settings, texts, fingerprint, label, first_visit, heading=f"{label}: loading {settings.model}…")
+    ss = st.session_state
+    old = ss.get(SS_JOB)
+    if old is not None and not old.done.is_set():
+        old.cancel.set()
+    ss[SS_CANCELLED] = False
+    ss[SS_JOB] = job
+    thread = threading.Thread(target=job.run, name="layerlens-analysis", daemon=True)
+    add_script_run_ctx(thread, get_script_run_ctx())  # the cached model loader runs in it
+    thread.start()
+    return job
+
+
 def _request_cancel() -> None:
-    st.session_state[SS_CANCELLED] = True
+    ss = st.session_state
+    ss[SS_CANCELLED] = True
+    job = ss.get(SS_JOB)
+    if job is not None:
+        job.cancel.set()
+
+
+def follow(job: AnalysisJob, poll: float = 0.2) -> bool:
+    """Show a job's progress (and Cancel) until it ends, then put its report in the session (once).
+
+    True when a new report is on screen. On any error the earlier report stays and an ``st.error`` says
+    what to change. Safe to be cut short at any point: the next run follows the same job again.
+    """
+    if job.taken:
+        return False
+    ok = False
+    with guarded("analyzing the model"):
+        status = st.status(job.heading, expanded=True)
+        slot = st.empty()  # progress + Cancel live outside the status, so they stay visible however it is folded
+        with status, status_error_on_failure(status):
+            heading, shown, bar, drawn, beat = job.heading, 0, None, None, time.monotonic()
+            while True:
+                finished = job.done.wait(poll)
+                for note in job.notes[shown:]:
+                    status.write(note)
+                shown = max(shown, len(job.notes))
+                if job.heading != heading or time.monotonic() - beat > 1.0:
+                    # also a heartbeat: an st call is where a click elsewhere stops this run (the job goes on)
+                    heading, beat = job.heading, time.monotonic()
+                    status.update(label=heading)
+                if finished:
+                    break
+                if job.fraction is not None and (job.fraction, job.bar_text) != drawn:
+                    drawn = (job.fraction, job.bar_text)
+                    if bar is None:
+                        box = slot.container()
+                        bar = box.progress(job.fraction, text=job.bar_text)
+                        box.button("Cancel", key="ll_cancel_analysis", on_click=_request_cancel,
+                                   icon=":material/stop:",
+                                   help="Stop the analysis; the results already on screen are kept.")
+                    else:
+                        bar.progress(job.fraction, text=job.bar_text)
+            slot.empty()
+            if isinstance(job.error, metrics.Cancelled):  # the user's own Cancel: one warning says so (the page's)
+                status.update(label="Cancelled: nothing was saved; earlier results are kept", state="error",
+                              expanded=False)
+                job.taken = True
+                return False
+            if job.error is not None:
+                raise job.error
+            if job.result is None:
+                raise LayerLensError("The analysis stopped without a result; press Analyze to start again.")
+            report, settings, info = job.result
+            status.update(label=job.final, state="complete", expanded=False)
+        ss = st.session_state
+        ss[SS_REPORT] = report
+        ss[SS_SETTINGS] = settings
+        ss[SS_MODEL_INFO] = info
+        ss[SS_REQUESTED] = settings
+        ss.pop(SS_PRUNED, None)  # a pruned model belongs to the previous report's model
+        ok = True
+    job.taken = job.done.is_set()  # only now: a run cut short above leaves it to the next run
+    return ok
 
 
 def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> bool:
@@ -67,67 +235,15 @@ def run_analysis(settings: AnalysisSettings, *, label: str = "Analyzing") -> boo
 
     On any error the earlier report stays in the session and an ``st.error`` says what to change.
     """
-    ss = st.session_state
-    ss[SS_CANCELLED] = False
-    ok = False
+    job = None
     with guarded("analyzing the model"):
-        settings.validate()
-        status = st.status(f"{label}: loading {settings.model}…", expanded=True)
-        slot = st.empty()  # progress + Cancel live outside the status, so they stay visible however it is folded
-        with status, status_error_on_failure(status):
-            t0 = time.perf_counter()
-            shared = get_model(settings)
-            info = shared.info
-            status.write(f"Model ready: {info.architecture}, {info.num_layers} layers, "
-                         f"{info.num_parameters / 1e6:.1f} M parameters on {info.device} "
-                         f"({time.perf_counter() - t0:.1f} s).")
-            texts, fingerprint = resolve_texts(settings)
-            settings = replace(settings, data_label=texts.source)
-            key = settings.key(f"{fingerprint}|{info.source_path}|{info.num_parameters}")
-            path = store.analysis_path(key)
-            if path.exists():
-                report = _saved_report(path)
-                status.update(label=f"Loaded the saved analysis ({report.num_layers} layers)", state="complete",
-                              expanded=False)
-            else:
-                config = settings.capture
-                status.update(label=f"{label}: {config.samples} samples × {config.seq_len} tokens…",
-                              expanded=True)
-                box = slot.container()
-                bar = box.progress(0.0, text="Starting…")
-                box.button("Cancel", key="ll_cancel_analysis", on_click=_request_cancel, icon=":material/stop:",
-                           help="Stop the analysis; the results already on screen are kept.")
-                t1 = time.perf_counter()
-
-                def progress(done: int, total: int, msg: str) -> None:
-                    rate = (time.perf_counter() - t1) / max(done, 1)
-                    bar.progress(min(done / max(total, 1), 1.0),
-                                 text=f"{msg} · about {rate * (total - done):.0f} s left")
-
-                meta = dict(model=info.model, revision=info.revision, model_type=info.model_type,
-                            dtype=info.dtype, device=info.device, source="dashboard")
-                with model_lock(shared, status):
-                    if path.exists():  # another session ran this very analysis while this one waited
-                        report = _saved_report(path)
-                        done = f"Loaded the analysis another session just saved ({report.num_layers} layers)"
-                    else:
-                        report = metrics.analyze(shared.model, shared.tokenizer, texts, config, progress=progress,
-                                                 should_stop=lambda: bool(ss.get(SS_CANCELLED)), meta=meta)
-                        report.save(path)
-                        done = f"Analyzed {report.num_layers} layers in {time.perf_counter() - t1:.1f} s"
-                slot.empty()
-                status.update(label=done, state="complete", expanded=False)
-        ss[SS_REPORT] = report
-        ss[SS_SETTINGS] = settings
-        ss[SS_MODEL_INFO] = info.to_dict()
-        ss[SS_REQUESTED] = settings
-        ss.pop(SS_PRUNED, None)  # a pruned model belongs to the previous report's model
-        ok = True
-    return ok
+        job = start_analysis(settings, label=label)
+    return job is not None and follow(job)
 
 
 def ensure_report(auto: bool = True, *, quiet: bool = False) -> Any | None:
-    """The report on screen; on a session's first visit (no typing) run the quick default analysis.
+    """The report on screen; on a session's first visit (no typing) start the quick default analysis.
+    An analysis still running (started on this page or another) is followed here until it ends.
 
     Whatever this shows lives in one slot that every run creates at the same place, so the first visit's
     progress and status do not shift the page's widgets on the next rerun (a shifted widget is remounted:
@@ -136,22 +252,25 @@ def ensure_report(auto: bool = True, *, quiet: bool = False) -> Any | None:
     """
     ss = st.session_state
     area = st.empty()
-    if ss.get(SS_REPORT) is not None:
-        return ss[SS_REPORT]
     with area.container():
-        if ss.get(SS_CANCELLED):
-            if not quiet:
-                st.warning("Analysis cancelled; press **Analyze** on the Model & data page to start again.")
-            return None
-        if auto and not ss.get(SS_AUTO):
-            ss[SS_AUTO] = True
+        job = ss.get(SS_JOB)
+        if job is None and auto and ss.get(SS_REPORT) is None:
+            with guarded("starting the analysis"):
+                job = start_analysis(requested_settings(), label="Quick first analysis", first_visit=True)
+        if job is not None and not job.taken:
             note = st.empty()
-            note.info("First visit: running a quick analysis of the bundled default model and text "
-                      "(small sample) so you can explore right away.", icon=":material/waving_hand:")
-            if run_analysis(requested_settings(), label="Quick first analysis"):
+            if job.first_visit:
+                note.info("First visit: running a quick analysis of the bundled default model and text "
+                          "(small sample) so you can explore right away.", icon=":material/waving_hand:")
+            if follow(job):
                 note.empty()
-            return ss.get(SS_REPORT)
-        if not quiet:
+        if ss.get(SS_REPORT) is not None:
+            return ss[SS_REPORT]
+        if quiet:
+            return None
+        if ss.get(SS_CANCELLED):
+            st.warning("Analysis cancelled; press **Analyze** on the Model & data page to start again.")
+        else:
             st.info("No analysis yet: pick a model and data on the **Model & data** page and press **Analyze**.")
     return None
 
@@ -171,108 +290,8 @@ def need_report_or_stop() -> Any:
     report = ensure_report()
     if report is None:
         st.page_link("pages/1_model_data.py", label="Go to Model & data", icon=":material/arrow_forward:")
-        st.stop()
+        stop_page()
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sweeps (Evaluate page)
-# ----------------------------------------------------------------------------------------------------------
-def _request_stop() -> None:
-    st.session_state[SS_SWEEP_STOPPED] = True
-
-
-def run_sweep(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *, windows: int, seq_len: int,
-              mmlu_per_subject: int, current_plan: Any, key: str, subjects: Any = ()) -> Any:
-    """Run (or resume) a sweep with a per-point progress bar and a Stop button; persist the frame.
-
-    Stop (Streamlit stops this script run at the next progress update) or an error leaves the finished
-    points on disk; before the interruption goes on, they are read back (``sweep(..., compute=False)``
-    with the same data and config, which never runs the model). A stopped run can no longer touch
-    ``st.session_state`` (every access raises StopException again), so they go into a plain dict held
-    there, and with ``runner.fastReruns`` the run the Stop click starts is already going meanwhile: it calls
-    :func:`collect_stopped_sweep`, which waits for this run to end and moves them into ``SS_SWEEP``.
-    """
-    running = threading.Event()
-    st.session_state[SS_SWEEP_RUNNING] = running
-    try:
-        return _sweep_with_progress(shared, report, strategies, ratios, windows=windows, seq_len=seq_len,
-                                    mmlu_per_subject=mmlu_per_subject, current_plan=current_plan, key=key,
-                                    subjects=subjects)
-    finally:
-        running.set()
-
-
-def collect_stopped_sweep(key: str, timeout: float = 600.0) -> bool:
-    """After a Stop: wait (with a spinner) until the stopped sweep's run has ended, then put the points it
-    read back for ``key`` into ``SS_SWEEP``. False if it is still busy after ``timeout`` seconds."""
-    ss = st.session_state
-    running = ss.get(SS_SWEEP_RUNNING)
-    if running is not None and not running.is_set():
-        with st.spinner("Stopping the sweep: finishing the evaluation in progress and reading back the points…"):
-            if not running.wait(timeout):
-                return False
-    partial = ss.get(SS_SWEEP_PARTIAL, {}).pop(key, None)
-    if partial is not None:
-        ss[SS_SWEEP] = (key, partial)
-    return True
-
-
-def _sweep_with_progress(shared: SharedModel, report: Any, strategies: Any, ratios: Any, *, windows: int,
-                         seq_len: int, mmlu_per_subject: int, current_plan: Any, key: str, subjects: Any) -> Any:
-    from layerlens.sweep import sweep  # at call time: tests replace it to interrupt a sweep
-
-    ss = st.session_state
-    ss[SS_SWEEP_STOPPED] = False
-    ppl_texts = load_texts("default", role="eval")
-    questions = None
-    if mmlu_per_subject > 0:
-        questions = load_questions("default", limit=mmlu_per_subject, subjects=list(subjects) or None)
-    plans = make_plans(report, list(strategies), sorted(float(r) for r in ratios), num_layers=report.num_layers)
-    if current_plan is not None:
-        plans.append(("current", current_plan.ratio, current_plan))
-    status = st.status(f"Sweep: {len(plans)} points…", expanded=True)
-    slot = st.empty()
-    with status, status_error_on_failure(status):
-        box = slot.container()
-        bar = box.progress(0.0, text="Preparing the evaluation data…")
-        box.button("Stop", key="ll_stop_sweep", on_click=_request_stop, icon=":material/stop_circle:",
-                   help="Stop now; finished points stay saved and Run sweep resumes from them.")
-        t0 = time.perf_counter()
-
-        partials = ss.setdefault(SS_SWEEP_PARTIAL, {})  # written after a Stop, when ss no longer can be
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.progress(min(done / max(total, 1), 1.0),
-                         text=f"{done}/{total} evaluations · {label[:90]} · {time.perf_counter() - t0:.0f} s")
-
-        config = SweepConfig(plans=plans, seq_len=seq_len, max_windows=windows)
-        same = dict(ppl_texts=ppl_texts, questions=questions, runs_dir=default_runs_dir(),
-                    model_id=shared.info.to_dict())
-        with model_lock(shared, status):
-            try:
-                frame = sweep(shared.model, shared.tokenizer, report, config, progress=progress, **same).frame
-            except BaseException:  # Stop (Streamlit's StopException), another widget, or an error
-                partial = None
-                try:
-                    partial = sweep(shared.model, shared.tokenizer, report, config, compute=False, **same).frame
-                except Exception:  # noqa: BLE001 - never hide the interruption behind a read-back problem
-                    log.warning("could not read back the finished sweep points:\n%s", traceback.format_exc())
-                if partial is not None and len(partial):
-                    partial.attrs["stopped"] = True  # the page says it is incomplete
-                    if questions is not None:
-                        partial["mmlu_questions"] = len(questions)
-                    partials[key] = partial
-                raise
-        slot.empty()
-        status.update(label=f"Sweep done: {len(frame)} points in {time.perf_counter() - t0:.0f} s",
-                      state="complete", expanded=False)
-    if questions is not None:
-        frame["mmlu_questions"] = len(questions)  # saved with the points: the Summary says what MMLU rests on
-    settings = current_settings()
-    store.save_sweep(key, frame, model_key=settings.model_key() if settings else None,
-                     report_created=report.meta.get("created"), strategies=strategies, ratios=ratios)
-    return frame
 
 
 def saved_sweeps_for(report: Any) -> list[Any]:

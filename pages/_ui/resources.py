@@ -1,12 +1,15 @@
 """What sessions share or keep: the one cached copy of each model (and its lock), this session's upload,
-the quick before/after numbers (cached per model + plan + prompt, so a share link reuses them)."""
+the quick before/after numbers (kept per model + plan + prompt, so a share link reuses them; the
+original's side once per model + prompt)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -144,20 +147,87 @@ def replace_source(texts: Any, source: str) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def _cached_ppl(_shared: SharedModel, model_key: tuple) -> float:
-    """Quick perplexity of the ORIGINAL model (the same for every session and plan)."""
-    with model_lock(_shared, quiet=True):
-        return compare.quick_perplexity(_shared.model, _shared.tokenizer)
+class QuickStore:
+    """Quick numbers for every session, kept in memory (a few entries of each kind, oldest dropped).
+
+    Not ``st.cache_data``: a cached function replays the elements it drew, and the progress bar that Apply
+    updates while measuring lives outside the function (a replay would fail). Entries: every comparison
+    per model + plan + prompt (a share link reuses it); the original's side (perplexity, speed, text) per
+    model + prompt + speed settings, measured at the first Apply (interleaved with that plan's runs), not
+    at every Apply; the original's :class:`~layerlens.compare.Baseline` per model (perplexity and layer
+    inputs on the quick windows)."""
+
+    KIND_LIMITS = {"baseline": 2}  # layer inputs can be large: as many as models are cached
+
+    def __init__(self, size: int = 64) -> None:
+        self._lock = threading.Lock()
+        self._size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple, *, frozen: bool = False) -> Any:
+        """The entry or None; a copy (callers may change it, as with st.cache_data) unless ``frozen``."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key] if frozen else copy.deepcopy(self._items[key])
+
+    def put(self, key: tuple, value: Any, *, frozen: bool = False) -> None:
+        with self._lock:
+            self._items[key] = value if frozen else copy.deepcopy(value)
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+            same_kind = [k for k in self._items if k[0] == key[0]]
+            for old in same_kind[:max(0, len(same_kind) - self.KIND_LIMITS.get(key[0], self._size))]:
+                del self._items[old]
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def cached_quick_compare(_shared: SharedModel, model_key: tuple, plan_json: str, prompt: str) -> dict[str, Any]:
-    """:func:`layerlens.compare.quick_compare` of a plan as a dict (``{"original": ..., "pruned": ...}``).
-    Keyed by model key + plan + prompt, so a share link reuses the numbers; nothing per user inside."""
+@st.cache_resource(show_spinner=False)
+def quick_store() -> QuickStore:
+    """The one :class:`QuickStore` (cleared with ``st.cache_resource.clear()``)."""
+    return QuickStore()
+
+
+def cached_quick_compare(shared: SharedModel, model_key: tuple, plan_json: str, prompt: str,
+                         progress: compare.ProgressFn | None = None) -> dict[str, Any]:
+    """:func:`layerlens.compare.quick_compare` of a plan as a dict (``{"original": ..., "pruned": ...}``),
+    computed once per model + plan + prompt; the original's side is measured once per model + prompt.
+    ``progress(done, total, label)`` follows the steps when something is measured."""
+    store, speed = quick_store(), compare.QUICK_SPEED
+    done_key = ("compare", model_key, plan_json, prompt, speed.key())
+    result = store.get(done_key)
+    if result is not None:
+        return result
     plan = PrunePlan.from_json(plan_json)
-    ppl_before = _cached_ppl(_shared, model_key)
-    with model_lock(_shared, quiet=True):
-        result = compare.quick_compare(_shared.model, _shared.tokenizer, plan, prompt,
-                                       perplexity_before=ppl_before)
-    return result.to_dict()
+    original_key = ("original", model_key, prompt, speed.key())
+    original = store.get(original_key)
+    with model_lock(shared):  # says so when another session holds the model
+        baseline = store.get(("baseline", model_key), frozen=True)  # frozen, and its tensors are never changed
+        if baseline is None:
+            if progress is not None:
+                progress(0, 1, f"Original model: perplexity on {compare.QUICK_WINDOWS} windows (once per model)")
+            with compare.timing_threads(next(shared.model.parameters()).device):
+                baseline = compare.quick_baseline(shared.model, shared.tokenizer)
+            store.put(("baseline", model_key), baseline, frozen=True)
+        comparison = compare.quick_compare(shared.model, shared.tokenizer, plan, prompt, baseline=baseline,
+                                           original=original, speed=speed, progress=progress)
+    if original is None:
+        store.put(original_key, comparison.original)
+    result = comparison.to_dict()
+    store.put(done_key, result)
+    return result
+
+
+@contextlib.contextmanager
+def quick_progress(label: str) -> Iterator[compare.ProgressFn]:
+    """A progress bar that follows :func:`cached_quick_compare` step by step; removed when done."""
+    bar = st.progress(0.0, text=label)
+
+    def progress(done: int, total: int, step: str) -> None:
+        bar.progress(min(1.0, done / total) if total else 0.0, text=f"{label}: {step}…")
+
+    try:
+        yield progress
+    finally:
+        bar.empty()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import streamlit as st
@@ -129,3 +130,46 @@ def test_stopped_sweep_shows_its_finished_points_at_once(env, monkeypatch, stop_
     merged = stopped.merge(full, on=["strategy", "ratio (%)"], suffixes=("_stopped", ""))
     assert len(merged) == len(stopped)
     assert list(merged["perplexity_stopped"]) == list(merged["perplexity"])
+
+
+def test_estimate_before_the_sweep_then_measured_speed(env):
+    """No hard-coded promise ("about a minute" took 397 s under load): an estimate from measured time,
+    first by timing one short window, then from how fast the sweeps on this model really ran."""
+    at = _open()
+    at.run()
+    _small(at, mmlu=True)
+    assert not at.exception and not at.error
+    empty = next(i.value for i in at.info if "No sweep for these settings" in i.value)
+    assert "about a minute" not in empty and re.search(r"about \d+ (s|min) on this machine", empty), empty
+    guess = next(c.value for c in at.caption if "Estimated time" in c.value)
+    assert "7 points" not in guess and "evaluations" in guess and "timing one short perplexity window" in guess
+    at.button(key="ev_run").click().run()
+    assert not at.exception and not at.error
+    done = next(s.label for s in at.status if "Sweep done" in s.label)
+    assert re.search(r"Sweep done: 7 points in \d+ s \(was estimated \d+ (s|min)\)", done), done
+    at.multiselect(key="ev_ratios").set_value([0.0, 0.1]).run()  # a new sweep: estimated from the last one
+    guess = next(c.value for c in at.caption if "Estimated time" in c.value)
+    assert "as fast as the earlier sweeps on this model ran" in guess, guess
+
+
+def test_the_url_carries_the_session_and_the_evaluate_settings_before_any_sweep(env):
+    """A link copied on Evaluate before any sweep used to have no parameters (the page's st.stop() also
+    stopped app.py's URL sync) and the sidebar's "This session" panel was gone. Evaluate's settings are
+    part of the link: opened, it starts the page with them, and the URL keeps carrying them.
+    (AppTest routes only a session's first run through app.py, so the link is opened, not typed.)"""
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update({"ev_windows": "3", "ev_ratios": "0,0.25", "ev_current": "0", "ev_mmlu": "off"})
+    at.switch_page("pages/4_evaluate.py")
+    at.run()
+    assert not at.exception and not at.error
+    assert any("No sweep for these settings" in i.value for i in at.info)
+    assert at.number_input(key="ev_windows").value == 3
+    assert at.multiselect(key="ev_ratios").value == [0.0, 0.25]
+    assert at.checkbox(key="ev_current").value is False and at.checkbox(key="ev_mmlu").value is False
+    assert at.multiselect(key="ev_strategies").value == ["bi", "reverse"]  # defaults stay defaults
+    link = dict(at.query_params)
+    assert link.get("model") and link.get("samples"), link  # the session's state
+    assert {k: link.get(k) for k in ("ev_windows", "ev_ratios", "ev_current", "ev_mmlu")} == {
+        "ev_windows": "3", "ev_ratios": "0,0.25", "ev_current": "0", "ev_mmlu": "off"}, link
+    assert "ev_strategies" not in link  # only what differs from the defaults
+    assert any("This session" in c.value for c in at.sidebar.caption)

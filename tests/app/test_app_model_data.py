@@ -131,3 +131,30 @@ def test_sessions_opening_at_once_share_one_analysis(open_app, monkeypatch):
     assert all(r.cosine == reports[0].cosine for r in reports)
     labels = [st.label for s in sessions for st in s.status]
     assert sum("another session just saved" in label for label in labels) == 2
+
+
+def test_a_missing_local_folder_is_said_to_be_missing_once_however_often_clicked(app):
+    """"Local folder: models/does-not-exist" was reported as "Hugging Face Hub cannot be reached
+    (offline?)": a folder the user typed as a folder is a folder. Each click replaces the last message."""
+    app.run()
+    app.radio(key="md_model_source").set_value("local").run()
+    app.text_input(key="md_local_path").set_value("models/does-not-exist").run()
+    for _ in range(3):
+        app.button(key="md_analyze").click().run()
+        assert not app.exception
+        assert len(app.error) == 1, [e.value for e in app.error]
+        assert app.error[0].value.startswith("The folder 'models/does-not-exist' does not exist")
+        assert "Hub" not in app.error[0].value
+    assert _metrics(app)["Decoder layers"] == "6"  # earlier results stay on screen
+
+
+def test_a_bad_upload_is_named_by_the_users_file_name(app):
+    """The message named the temp copy (/tmp/layerlens-upload-…/upload.txt), not the user's file."""
+    app.run()
+    app.selectbox(key="md_data_source").set_value("upload").run()
+    app.file_uploader(key="md_upload").set_value(("weights.txt", b"\x00\x01\x02" * 2000, "text/plain")).run()
+    app.button(key="md_analyze").click().run()
+    assert not app.exception
+    assert len(app.error) == 1 and "binary" in app.error[0].value
+    assert "'weights.txt'" in app.error[0].value and "layerlens-upload" not in app.error[0].value
+    assert _metrics(app)["Decoder layers"] == "6"

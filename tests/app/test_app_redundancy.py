@@ -79,3 +79,55 @@ def test_metric_switch_and_block_size(app):
     assert "Magnitude" in _figs(app)[0]["layout"]["title"]["text"]
     app.multiselect(key="rd_kinds").set_value(["cka"]).run()
     assert len(_figs(app)) == 2
+
+
+def _patched_analysis(monkeypatch, edit):
+    """The page's analysis returns the real report with ``edit(d)`` applied to its dict (a hand-made sink)."""
+    import layerlens.metrics
+    from layerlens.report import LayerReport
+
+    real = layerlens.metrics.analyze
+
+    def analyze(*a, **k):
+        d = real(*a, **k).to_dict()
+        edit(d)
+        return LayerReport.from_dict(d)
+
+    monkeypatch.setattr(layerlens.metrics, "analyze", analyze)
+
+
+def _agree(d):
+    d["cka"] = [list(row) for row in d["cosine"]]  # the criteria agree everywhere
+
+
+def _sink_at_layer_2(d, skip_first=0):
+    _agree(d)
+    d["cosine"][2][3] = d["cosine"][3][2] = 0.97
+    d["cka"][2][3] = d["cka"][3][2] = 0.02
+    d["meta"]["skip_first"] = skip_first
+
+
+def test_sink_like_disagreement_is_explained_with_its_fix(app, monkeypatch):
+    _patched_analysis(monkeypatch, _sink_at_layer_2)
+    app.run()
+    assert not app.exception and not app.error
+    notes = [i.value for i in app.info if "CKA and cosine disagree" in i.value]
+    assert len(notes) == 1
+    assert "layer 2:" in notes[0] and "0.02" in notes[0] and "attention sink" in notes[0]
+    assert "Skip first tokens to 1" in notes[0]
+    app.multiselect(key="rd_kinds").set_value(["cosine"]).run()  # no CKA heatmap: nothing to disagree with
+    assert not any("CKA and cosine disagree" in i.value for i in app.info)
+
+
+def test_no_disagreement_note_when_the_criteria_agree(app, monkeypatch):
+    _patched_analysis(monkeypatch, _agree)
+    app.run()
+    assert not app.exception and not app.error
+    assert not any("disagree" in i.value for i in app.info)
+
+
+def test_with_the_first_token_already_skipped_the_note_offers_no_skip_fix(app, monkeypatch):
+    _patched_analysis(monkeypatch, lambda d: _sink_at_layer_2(d, skip_first=1))
+    app.run()
+    notes = [i.value for i in app.info if "CKA and cosine disagree" in i.value]
+    assert len(notes) == 1 and "already left out" in notes[0] and "Skip first tokens" not in notes[0]

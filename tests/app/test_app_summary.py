@@ -25,13 +25,61 @@ def test_summary_shows_plan_quality_and_share_link(env):
     assert not at.exception and not at.error
     m = _metrics(at)
     assert m["Layers removed"] == "2 of 6"
-    assert m["Generation speed"].endswith("tok/s")
+    assert m["Generation speed"].endswith("tokens/s")  # one unit everywhere (was "tok/s" here)
     assert any(k.startswith("Perplexity") for k in m)
     assert m["MMLU accuracy"] == "–"
     assert "4 of 6 layers kept" in at.title[0].value
     assert len(at.get("plotly_chart")) == 3  # strip, heatmap, bars
     query = parse_qs(at.code[0].value.split("?", 1)[1])
     assert query["strategy"] == ["bi"] and query["ratio"] == ["0.25"] and query["model"] == [str(env)]
+
+
+def _quick(ppl, speed):
+    return {"perplexity": ppl, "tokens_per_s": speed, "generation": " s s s", "surgery_s": 0.01, "windows": 4,
+            "seq_len": 128, "new_tokens": 16}
+
+
+def test_summary_reads_in_30_seconds_verdict_cost_saving_basis(env):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.switch_page("pages/6_summary.py").run()
+    assert not at.exception and not at.error
+    verdicts = [e.value for e in at.success] + [e.value for e in at.error]
+    assert len(verdicts) == 1 and verdicts[0].strip("*").split(":")[0] in ("Usable", "Degraded", "Broken")
+    texts = " ".join(md.value for md in at.markdown)
+    for want in ("What was removed:", "What it costs in quality", "What it saves"):
+        assert want in texts
+    assert any(c.value.startswith("Quick check: perplexity on 4 held-out windows") for c in at.caption)
+
+
+def test_summary_says_broken_in_red_and_shows_no_speed_win(env):
+    from streamlit.proto.Metric_pb2 import Metric
+
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.switch_page("pages/6_summary.py").run()
+    plan = at.session_state["ll_plan"]
+    at.session_state["ll_pruned"] = {"plan_json": plan.to_json(), "plan": plan, "model": None,
+                                     "quick": _quick(3582230116909.84, 3.3), "original": _quick(51.9, 2.4),
+                                     "prompt": "The king said"}
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("**Broken") and "3.6e12" in at.error[0].value
+    assert not at.success
+    m = {x.label: x for x in at.metric}
+    assert m["Perplexity"].value == "3.6e12" and "higher" in m["Perplexity"].delta
+    speed = m["Generation speed"]
+    assert "no win" in speed.delta and speed.proto.color == Metric.MetricColor.GRAY  # was a green "+38 %"
+
+
+def test_summary_compares_the_last_applied_plans(env):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.switch_page("pages/3_prune.py").run()
+    for ratio in (0.17, 0.5):
+        at.slider(key="pr_ratio").set_value(ratio).run()
+        at.button(key="pr_apply").click().run()
+    at.switch_page("pages/6_summary.py").run()
+    assert not at.exception and not at.error
+    table = at.table[0].value
+    assert len(table) == 2 and list(table["Layers kept"]) == ["3 of 6", "5 of 6"]  # newest first
 
 
 def test_share_link_restores_model_strategy_and_ratio(env):
@@ -122,3 +170,4 @@ def test_summary_mmlu_names_its_question_count_and_calls_tiny_differences_noise(
     assert mmlu.value.endswith("%")
     assert "on 3 questions" in mmlu.delta and "was " in mmlu.delta
     assert "too few" in mmlu.delta and "pts" not in mmlu.delta  # no difference presented as a result
+    assert len(mmlu.delta) <= 40  # short enough for its column (a long delta was cut off at "on 5…")

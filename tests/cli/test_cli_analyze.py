@@ -62,7 +62,7 @@ def bad_inputs(tiny_llama, tmp_path):
     short.write_text("a")
     m = str(tiny_llama)
     return {
-        "unknown model": (["--model", str(tmp_path / "nope")], "neither an existing folder"),
+        "unknown model": (["--model", str(tmp_path / "nope")], "does not exist"),
         "empty folder": (["--model", str(empty_dir)], "no config.json"),
         "hub id offline": (["--model", "some-org/some-model"], "local folder"),
         "empty data": (["--model", m, "--data", str(empty_txt)], "no text"),

@@ -68,3 +68,16 @@ def test_nonfinite_logits_are_reported_not_averaged(tiny_llama):
         lm.model.lm_head.weight[0, 0] = float("inf")
     with pytest.raises(LayerLensError, match="NaN/inf"):
         perplexity(lm.model, lm.tokenizer, Path(DATA).read_text(), seq_len=32, max_windows=2)
+
+
+@pytest.mark.parametrize("spec", ["models/does-not-exist", "./does-not-exist", "~/layerlens-no-such-folder"])
+def test_a_missing_model_folder_is_said_to_be_missing(tmp_path, monkeypatch, capsys, spec):
+    """`models/x` has a hub id's shape: offline it was reported as "Hugging Face Hub cannot be reached". A
+    spec that looks like a path (starts like one, or its parent folder exists) is a folder: a missing one
+    is said to be missing, as the dashboard says it."""
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rc = main(["analyze", "--model", spec, "--data", str(Path(__file__).parents[1] / "data" / "shakespeare_sample.txt"),
+               *SMALL, "--out", str(tmp_path / "o")])
+    err = _err(capsys)
+    assert rc == 2 and f"The folder '{spec}' does not exist" in err and "Hub" not in err, err

@@ -307,7 +307,22 @@ def test_failure_while_saving_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        run("prune", "--model", tiny_llama, "--remove", "1", "--out", tmp_path / "o", "--device", "cpu")
+    # an unexpected error: one sentence + a log under the runs folder, exit 1 (issue 14 item 11)
+    assert run("prune", "--model", tiny_llama, "--remove", "1", "--out", tmp_path / "o", "--device", "cpu") == 1
     assert not (tmp_path / "o").exists()
     assert [p for p in os.listdir(tmp_path) if p != "runs"] == []
+
+
+def test_slm_defaults_to_cosine_and_keep_top_and_the_help_warns_about_the_papers_formula(tiny_llama, capsys):
+    """Issue 14: `--strategy slm` without --criterion/--formula merges cosine windows with keep_top (what measured
+    best on the default model); task_vector stays a named option whose help says it degrades wide windows."""
+    assert run("plan", "--model", tiny_llama, "--strategy", "slm", "--ratio", "0.4", *FAST, "--json") == 0
+    plan = PrunePlan.from_dict(json.loads(capsys.readouterr().out))
+    assert plan.params["criterion"] == "cosine" and plan.merge_formula == "keep_top"
+    assert run("plan", "--model", tiny_llama, "--merge", "1-3", *FAST, "--json") == 0
+    assert PrunePlan.from_dict(json.loads(capsys.readouterr().out)).merge_formula == "keep_top"
+    with pytest.raises(SystemExit):
+        run("prune", "--help")
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "task_vector is the papers' formula and degrades windows of three or more layers" in help_text
+    assert "(default keep_top)" in help_text and "(default cosine)" in help_text

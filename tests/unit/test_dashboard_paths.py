@@ -53,3 +53,20 @@ def test_model_spec_is_a_default_a_hub_id_or_a_folder_under_the_root(tmp_path, m
     assert check_model_spec(str(root / "models" / "m")) == str((root / "models" / "m").resolve())
     with pytest.raises(LayerLensError, match="outside the allowed data folder"):
         check_model_spec("/etc")
+
+
+def test_a_missing_folder_is_said_to_be_missing_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`models/does-not-exist` has a hub id's shape; offline it was reported as "Hugging Face Hub cannot be
+    reached". A spec that looks like a path (its parent folder exists under the root, or it starts like a
+    path) or that the user typed as "Local folder" is a folder, and a missing one is said to be missing."""
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    monkeypatch.setenv("LAYERLENS_DATA_ROOT", str(root))
+    monkeypatch.chdir(tmp_path)  # the cwd has no models/ folder: the data root decides
+    for spec in ("models/does-not-exist", "./nope", "models/../nope"):
+        with pytest.raises(LayerLensError, match=r"^The folder '.+' does not exist") as err:
+            check_model_spec(spec)
+        assert "Hub" not in str(err.value)
+    with pytest.raises(LayerLensError, match="The folder 'nobody/x' does not exist"):
+        check_model_spec("nobody/x", local=True)
+    assert check_model_spec("nobody/x") == "nobody/x"  # no such parent folder: a hub id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from layerlens.dashboard.planning import PlanSettings
@@ -85,3 +87,24 @@ def test_settings_fields_name_the_capture_fields_in_place():
     assert settings_fields() == ("model", "revision", "dtype", "device", "trust_remote_code", "data",
                                  "data_label", "text_field", "samples", "seq_len", "batch_size",
                                  "cka_estimator", "seed", "skip_first")
+
+
+def test_dashboard_defaults_are_the_merge_that_measured_best():
+    """Issue 14: CKA + task_vector merged one 7-layer window on the default model (perplexity 1e12); cosine
+    windows with keep_top, at a target ratio of 0.1, are the only merges that stayed under 2x the original
+    perplexity (bench/bench_merge_defaults.py). Skipping the first token was a wash, so it stays 0."""
+    ps = PlanSettings()
+    assert (ps.criterion, ps.formula, ps.target_ratio) == ("cosine", "keep_top", 0.1)
+    assert ps.slm_by == "ratio"  # a fixed 0.9 threshold merges 18 of 30 default-model layers: broken
+    assert AnalysisSettings.quick().capture.skip_first == 0 == CaptureConfig().skip_first
+
+
+def test_merge_formula_travels_in_share_links_only_when_not_the_default():
+    s = AnalysisSettings.quick()
+    default = PlanSettings(mode="slm")
+    assert "formula" not in to_query(s, default)
+    for formula in ("task_vector", "mean"):
+        ps = replace(default, formula=formula)
+        q = to_query(s, ps)
+        assert q["formula"] == formula and from_query(q, s)[1] == ps
+    assert from_query({"mode": "slm", "formula": "evil"}, s)[1].formula == "keep_top"

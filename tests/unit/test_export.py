@@ -12,7 +12,7 @@ import pytest
 
 import layerlens.export as export
 from layerlens.export import safe_name, save_figure, save_pruned, zip_folder
-from layerlens.plots import sweep_figure
+from layerlens.plots_curves import sweep_figure
 
 
 def test_safe_name_and_zip(tmp_path):
@@ -97,3 +97,15 @@ def test_png_export_from_several_threads_gets_each_its_own_figure():
     for w in workers:
         w.join()
     assert threaded == serial
+
+
+def test_html_report_sweep_table_says_which_rows_are_healed():
+    """Issue 15: a sweep that healed every point has a healed row beside each pruned row; the report's
+    table says which is which (they share strategy, ratio and layers)."""
+    from layerlens.report_html import _sweep_table
+
+    frame = pd.DataFrame([{"strategy": "bi", "ratio": 0.2, "removed_layers": "3,4", "perplexity": 80.0, "healed": h}
+                          for h in (False, True)])
+    html = _sweep_table(frame)
+    assert "healed (LoRA)" in html and html.count("<td>no</td>") == 1 and html.count("<td>yes</td>") == 1
+    assert "healed" not in _sweep_table(frame.drop(columns="healed"))

@@ -97,6 +97,17 @@ def test_a_stop_keeps_the_best_checkpoint(lm, texts):
     assert result.ppl_after == pytest.approx(best_ppl, rel=1e-4)  # the merged model is the best checkpoint
 
 
+def test_watch_sees_the_live_curve_and_checkpoints(lm, texts):
+    """The dashboard draws the loss and the held-out checkpoints while training (issue 15)."""
+    plan = PrunePlan(6, "remove", remove=(4,))
+    seen: list[tuple[int, int]] = []
+    result = heal(apply_plan(lm.model, plan), lm.tokenizer, *texts, HealConfig(loss="lm", steps=10, **FAST),
+                  plan=plan, watch=lambda curve, evals: seen.append((len(curve), len(evals))))
+    assert seen[0] == (0, 1)  # before the first step: the pruned model's checkpoint (step 0)
+    assert [n for n, _ in seen] == list(range(11)) and seen[-1][1] == 3  # checkpoints at steps 0, 5, 10
+    assert len(result.curve) == 10
+
+
 def test_a_finished_result_is_read_back_not_retrained(lm, texts, tmp_path):
     plan = PrunePlan(6, "remove", remove=(0,))
     config = HealConfig(loss="kd", steps=6, lr=3e-3, **FAST)

@@ -224,26 +224,26 @@ def test_slm_hand_made_patches():
         L, rep.bi, rep.cosine, tuple(map(tuple, cka)), "exact", rep.block_distance, rep.magnitude
     )
     # keep_last: anchor 4 (output h5) vs layer 3 (h4): 0.2 -> no window; anchor 3 (h4): layers 2, 1 merge.
-    assert slm_plan(rep, 0.9).merge == ((1, 2, 3),)
+    assert slm_plan(rep, 0.9, criterion="cka").merge == ((1, 2, 3),)
     # without keep_last, anchor 5 (h6) absorbs layer 4 (h5), then anchor 3 absorbs 2 and 1
-    assert slm_plan(rep, 0.9, keep_last=False).merge == ((1, 2, 3), (4, 5))
-    assert slm_plan(rep, 0.96).merge == ()
+    assert slm_plan(rep, 0.9, criterion="cka", keep_last=False).merge == ((1, 2, 3), (4, 5))
+    assert slm_plan(rep, 0.96, criterion="cka").merge == ()
 
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("target", [0.0, 0.1, 0.2, 0.3, 0.45, 0.6])
 def test_slm_target_ratio_finds_best_reachable_ratio(seed, target):
     rep = synthetic_report(10, seed)
-    plan = slm_plan(rep, target_ratio=target)
+    plan = slm_plan(rep, target_ratio=target, criterion="cka")
     assert plan.ratio <= target + 1e-12
     t = plan.params["threshold"]
     assert plan.params["target_ratio"] == target
-    assert slm_plan(rep, t).merge == plan.merge  # the reported threshold reproduces the plan
+    assert slm_plan(rep, t, criterion="cka").merge == plan.merge  # the reported threshold reproduces the plan
     # no threshold on a fine grid (nor any similarity value) gets closer to the target from below
     cka = rep.array("cka")
     grid = set(np.linspace(-1, 1, 801).tolist()) | set(cka.flatten().tolist())
     best = max(
-        r for r in (slm_plan(rep, float(g)).ratio for g in grid if -1 <= g <= 1) if r <= target + 1e-12
+        r for r in (slm_plan(rep, float(g), criterion="cka").ratio for g in grid if -1 <= g <= 1) if r <= target + 1e-12
     )
     assert plan.ratio == pytest.approx(best)
 
@@ -315,10 +315,61 @@ def test_slm_target_ratio_with_an_identical_pair_records_a_replayable_threshold(
     d = synthetic_report(6).to_dict()
     d["cka"][3][4] = d["cka"][4][3] = 1.0
     report = LayerReport.from_dict(d)
-    small = slm_plan(report, target_ratio=0.1)
+    small = slm_plan(report, target_ratio=0.1, criterion="cka")
     assert small.merge == () and small.params["threshold"] is None
     for target in (0.2, 0.5):
-        plan = slm_plan(report, target_ratio=target)
+        plan = slm_plan(report, target_ratio=target, criterion="cka")
         t = plan.params["threshold"]
         assert -1.0 <= t <= 1.0 and plan.ratio <= target
-        assert slm_plan(report, threshold=t).merge == plan.merge  # replay gives the same plan
+        assert slm_plan(report, threshold=t, criterion="cka").merge == plan.merge  # replay gives the same plan
+
+
+# -- issue 14: the merge defaults, and where CKA and cosine disagree -------------------------------------
+def test_merge_defaults_are_cosine_and_keep_top_but_old_plan_files_replay_task_vector():
+    from layerlens.plans import DEFAULT_MERGE_FORMULA, FORMULA_NOTES, MERGE_FORMULAS, get_strategy
+
+    rep = synthetic_report(10, 1)
+    plan = slm_plan(rep, 0.5)
+    assert plan.params["criterion"] == "cosine" and plan.merge_formula == "keep_top" == DEFAULT_MERGE_FORMULA
+    assert plan.merge == slm_plan(rep, 0.5, criterion="cosine", formula="keep_top").merge
+    made = make_plan("slm", rep, threshold=0.5)
+    assert (made.params["criterion"], made.merge_formula) == ("cosine", "keep_top")
+    assert make_plan("manual", rep, merge=[[1, 2, 3]]).merge_formula == "keep_top"
+    slm = get_strategy("slm")
+    assert (slm.param("criterion").default, slm.param("formula").default) == ("cosine", "keep_top")
+    assert "task_vector" in slm.param("formula").choices  # the papers' formula stays a named option
+    d = plan.to_dict()
+    del d["merge_formula"]  # a plan file written before the field existed
+    assert PrunePlan.from_dict(d).merge_formula == "task_vector"
+    assert PrunePlan(8, "merge", merge=[(1, 2)]).merge_formula == "task_vector"
+    assert set(FORMULA_NOTES) == set(MERGE_FORMULAS)
+    assert "papers' formula" in FORMULA_NOTES["task_vector"] and "three or more" in FORMULA_NOTES["task_vector"]
+
+
+def _sinky(report: LayerReport, layers: dict[int, float], skip_first: int = 0) -> LayerReport:
+    """``report`` with CKA = cosine everywhere, except ``cka[i][i+1] = v`` (and cosine 0.97) at each layer i."""
+    d = report.to_dict()
+    d["cka"] = [list(r) for r in d["cosine"]]
+    for i, v in layers.items():
+        d["cosine"][i][i + 1] = d["cosine"][i + 1][i] = 0.97
+        d["cka"][i][i + 1] = d["cka"][i + 1][i] = v
+    d["meta"] = {"skip_first": skip_first}
+    return LayerReport.from_dict(d)
+
+
+def test_criteria_disagreement_names_the_sink_layers_and_only_them():
+    from layerlens.plans.slm import criteria_disagreement
+
+    base = synthetic_report(8, 2)
+    assert criteria_disagreement(_sinky(base, {})) is None
+    assert criteria_disagreement(_sinky(base, {3: 0.6})) is None  # lower, but not collapsed
+    d = criteria_disagreement(_sinky(base, {2: 0.41, 5: 0.01}))
+    assert d.layers == (2, 5) and d.cka == (0.41, 0.01) and d.skip_first == 0
+    text = d.describe()
+    assert text.startswith("CKA and cosine disagree at layers 2 and 5:") and "0.41 and 0.01" in text
+    assert "h2–h3 and h5–h6" in text and "attention sink" in text
+    one = criteria_disagreement(_sinky(base, {4: 0.05}, skip_first=1))
+    assert one.layers == (4,) and "layer 4:" in one.describe() and "already left out" in one.describe()
+    low = _sinky(base, {4: 0.05}).to_dict()
+    low["cosine"][4][5] = 0.5  # cosine low too: the layer changes the state, no disagreement
+    assert criteria_disagreement(LayerReport.from_dict(low)) is None

@@ -1,0 +1,64 @@
+"""AppTest: Apply's quick before/after (issue 14 items 3, 6, 11): progress step by step, the original's
+speed measured once (not at every Apply), and an unexpected error shown as one sentence naming a log."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerlens import compare
+
+
+@pytest.fixture
+def app(open_app):
+    return open_app("pages/3_prune.py")
+
+
+def test_apply_shows_progress_and_measures_the_original_once(app, monkeypatch):
+    measured, steps = [], []
+    real_measure, real_compare = compare.measure_generation, compare.quick_compare
+
+    def measure(models, names, *args, **kwargs):
+        measured.append(list(names))
+        return real_measure(models, names, *args, **kwargs)
+
+    def quick(*args, progress=None, **kwargs):
+        assert progress is not None  # the page passes its progress bar
+
+        def spy(done, total, label):
+            steps.append(label)
+            progress(done, total, label)
+
+        return real_compare(*args, progress=spy, **kwargs)
+
+    monkeypatch.setattr(compare, "measure_generation", measure)
+    monkeypatch.setattr(compare, "quick_compare", quick)
+    app.run()
+    app.button(key="pr_apply").click().run()
+    assert not app.exception and not app.error
+    assert measured == [["Original model", "Pruned model"]]  # first Apply: both, interleaved
+    assert any("Timing generation" in s for s in steps) and steps[-1] == "Done"
+    assert not app.get("progress")  # the bar is gone once the numbers are on screen
+    app.slider(key="pr_ratio").set_value(0.5).run()
+    app.button(key="pr_apply").click().run()
+    assert not app.exception and not app.error
+    assert measured[1:] == [["Pruned model"]]  # the original's figure is reused, not measured again
+    store = __import__("pages._ui.resources", fromlist=["quick_store"]).quick_store()
+    originals = [k for k in store._items if k[0] == "original"]
+    assert len(originals) == 1
+
+
+def test_an_unexpected_error_is_one_sentence_naming_the_log(app, app_env, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug deep in the library\nwith a second line")
+
+    monkeypatch.setattr(compare, "quick_compare", boom)
+    app.run()
+    app.button(key="pr_apply").click().run()
+    assert not app.exception  # no exception box, no traceback on screen
+    (err,) = [e.value for e in app.error]
+    assert err.startswith("Unexpected error while applying the plan (RuntimeError: a bug deep in the library)")
+    assert "second line" not in err
+    (log,) = (app_env / "runs" / "logs").glob("layerlens-*.log")
+    assert f"full log is in {log}" in err
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "a bug deep in the library" in text
