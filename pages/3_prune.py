@@ -23,11 +23,7 @@ ss = st.session_state
 L = report.num_layers
 ps = session.plan_settings()
 
-shared = None
-with errors.guarded("loading the model"):
-    shared = resources.shared_for_report()
-if shared is None:  # the model could not be loaded: nothing to prune
-    session.stop_page()
+shared = jobs.model_or_stop()
 
 FORMULA_LABELS = {"task_vector": "Task vector (the papers')", "keep_top": "Keep the top layer", "mean": "Mean"}
 

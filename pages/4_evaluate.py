@@ -14,16 +14,12 @@ from layerlens.dashboard.tables import current_marker
 from layerlens.defaults import MMLU_SUBJECTS
 from layerlens.plans import label_of
 from layerlens.plots_curves import sweep_figure
-from pages._ui import errors, jobs, keys, resources, session, sweeping, widgets
+from pages._ui import errors, jobs, keys, session, sweeping, widgets
 
 report = jobs.report_page(__file__, "Evaluate")
 ss = st.session_state
 
-shared = None
-with errors.guarded("loading the model"):
-    shared = resources.shared_for_report()
-if shared is None:
-    session.stop_page()
+shared = jobs.model_or_stop()
 
 start = session.requested_sweep()  # a share link's settings, else the defaults (widgets keep their own after)
 with st.container(border=True):

@@ -23,11 +23,7 @@ session.require_router(__file__)
 ss = st.session_state
 report = jobs.need_report_or_stop()
 info = ss.get(keys.SS_MODEL_INFO) or {}
-shared = None
-with errors.guarded("loading the model"):
-    shared = resources.shared_for_report()
-if shared is None:
-    session.stop_page()
+shared = jobs.model_or_stop()
 
 plan = session.current_plan(report)
 if plan is None:

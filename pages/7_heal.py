@@ -27,11 +27,7 @@ from pages._ui import errors, healing, jobs, keys, resources, session
 report = jobs.report_page(__file__, "Heal")
 ss = st.session_state
 
-shared = None
-with errors.guarded("loading the model"):
-    shared = resources.shared_for_report()
-if shared is None:
-    session.stop_page()
+shared = jobs.model_or_stop()
 
 pruned = ss.get(keys.SS_PRUNED)
 if pruned is None:

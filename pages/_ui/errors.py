@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import streamlit as st
@@ -66,3 +66,14 @@ def status_error_on_failure(status: Any) -> Iterator[None]:
         status.update(label="Failed — see the message below; earlier results are kept.", state="error",
                       expanded=False)
         raise
+
+
+def run_job(job: Any, work: Callable[[], None]) -> None:
+    """The body of a background job's thread: ``work()``; an exception is kept on ``job.error`` for the
+    script run that follows the job to show (a thread cannot draw), and ``job.done`` is set either way."""
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - shown by the script run that follows the job
+        job.error = exc
+    finally:
+        job.done.set()

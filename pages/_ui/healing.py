@@ -28,7 +28,7 @@ from layerlens.plots_curves import heal_curve
 from layerlens.questions import load_questions
 from layerlens.runs import default_runs_dir
 
-from .errors import guarded
+from .errors import guarded, run_job
 from .keys import SS_HEAL_JOB, SS_HEALED
 from .resources import SharedModel, quick_store
 from .widgets import PLOT_CONFIG, chart
@@ -61,12 +61,7 @@ class HealJob:
     taken: bool = False
 
     def run(self) -> None:
-        try:
-            self._heal()
-        except Exception as exc:  # noqa: BLE001 - shown by the script run that follows the job
-            self.error = exc
-        finally:
-            self.done.set()
+        run_job(self, self._heal)
 
     def _watch(self, curve: list, evals: list) -> None:
         self.curve, self.evals = curve, evals

@@ -22,7 +22,7 @@ from layerlens.dashboard.settings import AnalysisSettings
 from layerlens.errors import LayerLensError
 from layerlens.report import LayerReport
 
-from .errors import guarded, status_error_on_failure
+from .errors import guarded, run_job, status_error_on_failure
 from .keys import (
     SS_CANCELLED,
     SS_JOB,
@@ -33,7 +33,7 @@ from .keys import (
     SS_SETTINGS,
     SS_UPLOAD,
 )
-from .resources import get_model, resolve_texts
+from .resources import SharedModel, get_model, resolve_texts, shared_for_report
 from .session import current_settings, requested_settings, require_router, stop_page
 from .widgets import report_caption
 
@@ -75,12 +75,7 @@ class AnalysisJob:
     taken: bool = False  # a script run put the result in the session (or showed the error)
 
     def run(self) -> None:
-        try:
-            self._analyze()
-        except Exception as exc:  # noqa: BLE001 - shown by the script run that follows the job
-            self.error = exc
-        finally:
-            self.done.set()
+        run_job(self, self._analyze)
 
     def _analyze(self) -> None:
         settings = self.settings
@@ -283,6 +278,16 @@ def report_page(page_file: str, title: str) -> Any:
     report = need_report_or_stop()
     st.caption(report_caption(report))
     return report
+
+
+def model_or_stop() -> SharedModel:
+    """The report's model (one cached copy for every session), or end the page: the error is on screen."""
+    shared = None
+    with guarded("loading the model"):
+        shared = shared_for_report()
+    if shared is None:
+        stop_page()
+    return shared
 
 
 def need_report_or_stop() -> Any:

@@ -74,15 +74,17 @@ def speed_change(quick: Mapping[str, Any], original: Mapping[str, Any]) -> str |
 
 def speed_metric(col: Any, quick: Mapping[str, Any], original: Mapping[str, Any], v: humanize.Verdict,
                  label: str = "Generation speed") -> None:
-    """Speed after pruning; never shown as a win beside a degraded or broken model."""
+    """Speed after pruning (the median; its spread is in the help, so the value is never cut off); never
+    shown as a win beside a degraded or broken model."""
     delta = speed_change(quick, original)
-    helptext = f"Original: {speed_text(original)}."
+    helptext = f"Pruned: {speed_text(quick)}. Original: {speed_text(original)}."
+    value = humanize.tokens_per_s(quick.get("tokens_per_s"))
     if v.bad:
-        col.metric(label, speed_text(quick), delta=f"{delta} — no win: the model is {v.level}" if delta else None,
-                   delta_color="off", delta_arrow="off", help=helptext + " A faster model that no longer works is "
-                                                                    "no saving.")
+        col.metric(label, value, delta=f"{delta}, no win" if delta else None, delta_color="off",
+                   delta_arrow="off", help=helptext + f" The model is {v.level}: a faster model that no longer "
+                                                      "works is no saving.")
     else:
-        col.metric(label, speed_text(quick), delta=delta, help=helptext)
+        col.metric(label, value, delta=delta, help=helptext)
 
 
 def perplexity_metric(col: Any, quick: Mapping[str, Any], original: Mapping[str, Any],
