@@ -29,6 +29,9 @@ GPT-2/SmolLM2 no; HFLM's ``add_bos_token`` is left at its default ``None``). The
 ``n_positions`` / ``max_position_embeddings`` / ``n_ctx``, else the tokenizer's ``model_max_length``, else
 2048). When all four continuations are one token, one forward of the context scores the question (the
 logits at its last position); otherwise each letter is scored as the sum of its tokens' log-probabilities.
+
+Why one module over ~400 lines: perplexity and MMLU share the task/forward split that sweeps reuse
+with cached hidden states; one module keeps that contract in one place.
 """
 
 from __future__ import annotations

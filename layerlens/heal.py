@@ -12,6 +12,9 @@ Why each step is as it is:
 * The held-out perplexity is measured at checkpoints; the LoRA state with the best one is what is kept, so
   a stop (``stop()`` returning True, Ctrl-C, the time budget) keeps the best state so far.
 * The result is merged into the weights, so the healed model needs no ``peft`` to load or run.
+
+Why one module over ~400 lines: the training loop, its checkpoints and the persisted read-back must
+agree on one LoRA layout (targets, private weight copies, restored flags); they are kept together.
 """
 
 from __future__ import annotations

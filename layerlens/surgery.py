@@ -22,6 +22,9 @@ removed layers dropped (or no map at all when it cannot be made right, see :func
 Merges: the merged layer sits at its group's base (lowest index). Its attention and MLP parameters
 (weights and biases of the adapter's ``mergeable_parts``, norm modules inside them excepted) come from the
 plan's ``merge_formula`` over the group's ORIGINAL weights; its norms are the base's.
+
+Why one module over ~400 lines: removal, merging, config patching and the restoring context manager
+all rely on the same clone/rebind rules; apart they would drift.
 """
 
 from __future__ import annotations

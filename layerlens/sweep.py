@@ -19,6 +19,10 @@ Three things make a sweep fast without changing any number:
    A finished point is read back (``cached=True``) and an interrupted sweep resumes where it stopped. The
    key ignores a plan's strategy name: two strategies that remove the same layers share one computation,
    and ratio 0 is computed once. ``sweep(..., compute=False)`` reads back the finished points only.
+
+Why one module over ~400 lines: the sweep loop, its persisted points and the healed points share
+the same keys and unit bookkeeping; splitting them would spread one contract over two files (prefix
+reuse, which is separable, lives in :mod:`layerlens.prefix_reuse`).
 """
 
 from __future__ import annotations
