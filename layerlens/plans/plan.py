@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError, check_made_for
-from .registry import is_registered, strategy_names
 
 METHODS = ("remove", "merge")
 MERGE_FORMULAS = ("task_vector", "keep_top", "mean")
@@ -39,6 +38,9 @@ FORMULA_NOTES: dict[str, str] = {
     "mean": "The plain average of the window's layers: usually worse than keep_top without healing.",
 }
 PLAN_FILE = "layerlens_plan.json"
+# The strategy names a plan may carry, in registration order: filled by
+# :func:`layerlens.plans.registry.register` (the registry imports this module, never the other way round).
+STRATEGY_NAMES: dict[str, None] = {}
 
 def _as_index(x: Any, what: str) -> int:
     if isinstance(x, bool) or not hasattr(x, "__index__"):
@@ -106,8 +108,8 @@ class PrunePlan:
             raise PlanError(
                 f"Unknown merge formula '{self.merge_formula}'; use one of {', '.join(MERGE_FORMULAS)}."
             )
-        if not is_registered(self.strategy):
-            raise PlanError(f"Unknown strategy '{self.strategy}'; use one of {', '.join(strategy_names())}.")
+        if self.strategy not in STRATEGY_NAMES:
+            raise PlanError(f"Unknown strategy '{self.strategy}'; use one of {', '.join(STRATEGY_NAMES)}.")
         if self.method == "remove" and self.merge:
             raise PlanError("A 'remove' plan cannot also have merge groups; use method='merge' for merges.")
         if self.method == "merge" and self.remove:

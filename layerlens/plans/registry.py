@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapters import layer_count
 from ..errors import PlanError
+from .plan import STRATEGY_NAMES, PrunePlan
 
 if TYPE_CHECKING:
     from ..report import LayerReport
-    from .plan import PrunePlan
 
 # How a strategy's size is given: a layer count (``ratio`` or ``n``), a similarity threshold, either a
 # threshold or a target ratio, or explicit layers.
@@ -180,11 +180,13 @@ def register(strategy: Strategy, *, replace: bool = False) -> Strategy:
     if strategy.name in _REGISTRY and not replace:
         raise PlanError(f"A strategy named '{strategy.name}' is already registered.")
     _REGISTRY[strategy.name] = strategy
+    STRATEGY_NAMES[strategy.name] = None
     return strategy
 
 
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
+    STRATEGY_NAMES.pop(name, None)
 
 
 def is_registered(name: str) -> bool:
