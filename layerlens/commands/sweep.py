@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, cli_progress, load_from_args
+from ..data import load_texts
 from ..errors import LayerLensError
 from ..export import save_figure
 from ..heal import HealConfig
@@ -77,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
                          max_windows=inputs["max_windows"], ppl_batch_size=args.ppl_batch_size,
                          mmlu_batch_size=args.mmlu_batch_size, shots=args.shots, reuse=not args.no_reuse,
                          cache_bytes=int(args.cache_gb * 2**30), seed=args.seed, heal=_heal_config(args))
+    heal_texts = load_texts(args.data, role="calibration", field=args.text_field) if config.heal else None
     result = sweep(loaded.model, loaded.tokenizer, report, config, ppl_texts=inputs["texts"],
                    questions=inputs["questions"], dev=inputs["dev"], runs_dir=runs,
-                   model_id={"model": info.model, "revision": info.revision}, progress=cli_progress("sweep"))
+                   model_id={"model": info.model, "revision": info.revision}, progress=cli_progress("sweep"),
+                   heal_texts=heal_texts)
     frame, meta = result.frame, dict(result.meta)
     meta.update(model=info.model, revision=info.revision, dtype=info.dtype, device=info.device,
                 data=inputs["texts"].source if inputs["texts"] is not None else None,
@@ -124,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-gb", type=float, default=1.0,
                    help="memory for reused hidden states (CPU), in GiB; 0 disables reuse")
     p.add_argument("--heal-seconds", type=float, default=None,
-                   help="also heal every pruned point for this many seconds (LoRA) and add a healed row each")
+                   help="also heal every pruned point for this many seconds (LoRA on --data, held-out perplexity "
+                        "on --ppl-data) and add a healed row after each pruned row")
     p.add_argument("--heal-loss", choices=["lm", "kd", "both"], default="kd",
                    help="healing loss: next-token, distillation from the original, or both")
     add_runs_arg(p)

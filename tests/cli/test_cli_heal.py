@@ -72,3 +72,17 @@ def test_bad_input_gets_one_sentence(tiny_llama, data, tmp_path, capsys, extra, 
     assert run("heal", "--model", tiny_llama, "--remove", "1", *extra, *data, "--out", tmp_path / "x") == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_heal_seconds_adds_a_healed_row_beside_each_pruned_row(tiny_llama, data, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "sw"
+    assert run("sweep", "--model", tiny_llama, "--strategies", "reverse", "--ratios", "0,0.34",
+               "--heal-seconds", "3", "--heal-loss", "lm", "--mmlu", "none", "--max-windows", "2",
+               "--ppl-data", data[3], "--data", data[1], "--seq-len", "32", "--device", "cpu",
+               "--runs-dir", tmp_path / "runs", "--out", out) == 0
+    frame = pd.read_csv(out / "sweep.csv")
+    assert list(frame["healed"]) == [False, True, False, True]
+    assert frame["perplexity"].iloc[0] == frame["perplexity"].iloc[1]  # nothing removed: nothing healed
+    assert frame["perplexity"].iloc[3] <= frame["perplexity"].iloc[2]  # the best checkpoint, never worse
