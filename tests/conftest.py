@@ -41,6 +41,21 @@ def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
 
 
+_LOADED: dict[str, torch.nn.Module] = {}
+
+
+@pytest.fixture
+def arch_model(tiny_arch):
+    """(arch, the tiny model loaded in float32, eval mode); loaded once per architecture per session.
+    Shared: a test must leave it as it found it (hooks removed, weights untouched)."""
+    from transformers import AutoModelForCausalLM
+
+    arch, path = tiny_arch
+    if arch not in _LOADED:
+        _LOADED[arch] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return arch, _LOADED[arch]
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def tiny_arch(request, tiny_model_factory) -> tuple[str, Path]:
     return request.param, tiny_model_factory(request.param)

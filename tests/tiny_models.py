@@ -5,6 +5,7 @@ Built from configs (no download), saved to a folder, so the real loading code is
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -95,3 +96,12 @@ def build_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 
         (out_dir / f.name).write_bytes(f.read_bytes())
     (out_dir / "layerlens_test.json").write_text(json.dumps({"arch": arch, "seed": seed}))
     return out_dir
+
+
+def param_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name and bytes: a model "bit-identical" before and after has one hash."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -4,12 +4,12 @@ model; the Summary shows all three."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 
 import pytest
 import torch
+from tiny_models import param_hash
 
 
 @pytest.fixture
@@ -17,12 +17,6 @@ def app(open_app):
     return open_app()
 
 
-def _param_hash(model) -> str:
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _shared(tiny_llama):
@@ -57,7 +51,7 @@ def test_heal_page_without_a_pruned_model_points_to_prune(app):
 def test_heal_shows_three_rows_keeps_the_original_and_reads_back(app, tiny_llama):
     app.run()
     shared = _shared(tiny_llama)
-    before = _param_hash(shared.model)
+    before = param_hash(shared.model)
     flags = [p.requires_grad for p in shared.model.parameters()]
     types = [type(m).__name__ for m in shared.model.modules()]
     _apply_and_heal(app)
@@ -72,7 +66,7 @@ def test_heal_shows_three_rows_keeps_the_original_and_reads_back(app, tiny_llama
     assert any("Healing: loss and held-out perplexity" in json.loads(c.proto.spec)["layout"]["title"]["text"]
                for c in app.get("plotly_chart"))
     # the teacher (the cached original every session shares) is bit-identical and unwrapped
-    assert _shared(tiny_llama) is shared and _param_hash(shared.model) == before
+    assert _shared(tiny_llama) is shared and param_hash(shared.model) == before
     assert [p.requires_grad for p in shared.model.parameters()] == flags
     assert [type(m).__name__ for m in shared.model.modules()] == types
     # the same request again is read back from the runs folder, not retrained
@@ -80,7 +74,7 @@ def test_heal_shows_three_rows_keeps_the_original_and_reads_back(app, tiny_llama
     assert not app.exception and not app.error
     assert app.session_state["ll_healed"]["cached"]
     assert any("Read back from the runs folder" in i.value for i in app.info)
-    assert _param_hash(shared.model) == before
+    assert param_hash(shared.model) == before
 
 
 def test_stop_keeps_the_best_checkpoint(app, monkeypatch):

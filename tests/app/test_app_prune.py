@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import time
 
 import pytest
+from tiny_models import param_hash
 
 
 @pytest.fixture
@@ -192,12 +192,6 @@ def test_merge_worse_than_plain_removal_is_said(app):
     assert any("no worse than plain removal" in c.value for c in app.caption)
 
 
-def _param_hash(model) -> str:
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_apply_measures_and_never_touches_the_cached_model(app, tiny_llama):
@@ -205,7 +199,7 @@ def test_apply_measures_and_never_touches_the_cached_model(app, tiny_llama):
     keys = importlib.import_module("pages._ui.keys")
     resources = importlib.import_module("pages._ui.resources")
     shared = resources._shared_model(str(tiny_llama), None, "auto", "auto", False)  # the cache_resource entry
-    before = _param_hash(shared.model)
+    before = param_hash(shared.model)
     n_layers = len(shared.model.model.layers)
     app.button(key="pr_apply").click().run()
     assert not app.exception and not app.error
@@ -222,7 +216,7 @@ def test_apply_measures_and_never_touches_the_cached_model(app, tiny_llama):
     assert not app.exception and not app.error
     again = resources._shared_model(str(tiny_llama), None, "auto", "auto", False)
     assert again is shared
-    assert _param_hash(shared.model) == before  # bit-for-bit unchanged
+    assert param_hash(shared.model) == before  # bit-for-bit unchanged
     assert len(shared.model.model.layers) == n_layers
     assert [layer.self_attn.layer_idx for layer in shared.model.model.layers] == list(range(n_layers))
     pruned = app.session_state[keys.SS_PRUNED]["model"]

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 from tiny_models import ARCHITECTURES, LAYERS
-from transformers import AutoModelForCausalLM
 
 from layerlens.adapters import (
     ADAPTERS,
@@ -40,16 +39,6 @@ EXPECTED = {
             ("self_attn", "fc1", "fc2")),
 }
 
-_loaded: dict[str, nn.Module] = {}
-
-
-@pytest.fixture
-def arch_model(tiny_arch):
-    """(arch, a loaded tiny model); loaded once per architecture for this module."""
-    arch, path = tiny_arch
-    if arch not in _loaded:
-        _loaded[arch] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return arch, _loaded[arch]
 
 
 def _walk(obj, path: str):

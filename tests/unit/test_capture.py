@@ -18,15 +18,6 @@ from layerlens.data import batches
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 256, 3, 64], [11, 12, 13, 300, 400, 2, 9, 10]])
 
-_loaded: dict[str, nn.Module] = {}
-
-
-@pytest.fixture
-def arch_model(tiny_arch):
-    arch, path = tiny_arch
-    if arch not in _loaded:
-        _loaded[arch] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return arch, _loaded[arch]
 
 
 def _hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
