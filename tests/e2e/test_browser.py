@@ -118,6 +118,24 @@ def idle(page, timeout: float = 600_000) -> None:
                            timeout=timeout)
 
 
+def choose(page, key: str, option: str, tries: int = 4) -> None:
+    """Pick ``option`` in the selectbox ``key``. A rerun that lands just after the click can close the
+    dropdown before it shows (the CI flake at the upload step), so the click is repeated until it does."""
+    for attempt in range(tries):
+        idle(page)
+        page.locator(f".st-key-{key}").click()
+        item = page.get_by_role("option", name=option)
+        try:
+            item.wait_for(timeout=10_000)
+        except Exception:  # noqa: BLE001 - the dropdown closed again: retry, the last try raises
+            if attempt == tries - 1:
+                raise
+            page.keyboard.press("Escape")
+            continue
+        item.click()
+        return
+
+
 def plots(page, n: int, timeout: float = 180_000) -> None:
     page.wait_for_function(f"document.querySelectorAll('{PLOTS}').length >= {n}", timeout=timeout)
 
@@ -358,8 +376,7 @@ def test_uploads_are_checked_and_private(server, pages, tmp_path):
         page.goto(server)
         page.get_by_text("Model card").wait_for(timeout=300_000)
         idle(page)
-    a.locator(".st-key-md_data_source").click()
-    a.get_by_role("option", name="Upload a file").click()
+    choose(a, "md_data_source", "Upload a file")
     idle(a)
     a.locator(".st-key-md_upload input[type='file']").set_input_files(str(binary))
     idle(a)
