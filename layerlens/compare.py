@@ -294,6 +294,23 @@ def measure_generation(models: Sequence[Any], names: Sequence[str], tokenizer: A
             for r, text in zip(runs, texts, strict=True)]
 
 
+def measure_original(model: Any, tokenizer: Any, prompt: str, *, baseline: Baseline | None = None,
+                     speed: SpeedSettings = QUICK_SPEED, progress: ProgressFn | None = None) -> QuickNumbers:
+    """The original's side alone (perplexity, timed generation, text): what a later
+    :func:`quick_compare` takes as ``original``. The dashboard measures it while the user is still choosing a
+    plan, so the first Apply only measures the pruned model."""
+    progress = progress or _noop
+    total = int(baseline is None) + 1 + speed.runs
+    with timing_threads(model_device(model), speed.threads):
+        if baseline is None:
+            progress(0, total, f"Original model: perplexity on {QUICK_WINDOWS} windows")
+            baseline = quick_baseline(model, tokenizer)
+        (speed_o, text_o), = measure_generation([model], ["Original model"], tokenizer, prompt, speed, progress,
+                                                total - 1 - speed.runs, total)
+    progress(total, total, "Done")
+    return QuickNumbers(baseline.perplexity, speed_o.median, text_o, speed=speed_o)
+
+
 def quick_compare(model: Any, tokenizer: Any, plan: Any, prompt: str, *, baseline: Baseline | None = None,
                   original: QuickNumbers | None = None, speed: SpeedSettings = QUICK_SPEED,
                   progress: ProgressFn | None = None) -> QuickComparison:
@@ -305,8 +322,8 @@ def quick_compare(model: Any, tokenizer: Any, plan: Any, prompt: str, *, baselin
     same prompt and settings (a cache): then only the pruned model is measured. ``progress(done, total,
     label)`` is called before every step (surgery, each perplexity, each generation run) and at the end."""
     progress = progress or _noop
-    measure_original = original is None
-    n_models = 2 if measure_original else 1
+    paired = original is None
+    n_models = 2 if paired else 1
     total = 2 + int(baseline is None) + n_models * (1 + speed.runs)
     done = 0
     progress(done, total, "Pruning (surgery on a new model)")
@@ -323,7 +340,7 @@ def quick_compare(model: Any, tokenizer: Any, plan: Any, prompt: str, *, baselin
         progress(done, total, f"Pruned model: perplexity on {QUICK_WINDOWS} windows")
         ppl = quick_perplexity(pruned, tokenizer, baseline=baseline, plan=plan)
         done += 1
-        models, names = ([model, pruned], ["Original model", "Pruned model"]) if measure_original \
+        models, names = ([model, pruned], ["Original model", "Pruned model"]) if paired \
             else ([pruned], ["Pruned model"])
         measured = measure_generation(models, names, tokenizer, prompt, speed, progress, done, total)
     progress(total, total, "Done")
@@ -336,12 +353,13 @@ def quick_compare(model: Any, tokenizer: Any, plan: Any, prompt: str, *, baselin
         speedup = speed_p.median / original.tokens_per_s if original.tokens_per_s > 0 else float("nan")
     return QuickComparison(original=original,
                            pruned=QuickNumbers(ppl, speed_p.median, text_p, surgery_s=surgery_s, speed=speed_p),
-                           speedup=speedup, paired=measure_original)
+                           speedup=speedup, paired=paired)
 
 
 __all__ = [
     "BASELINE_MAX_BYTES", "QUICK_NEW_TOKENS", "QUICK_SEQ_LEN", "QUICK_SPEED", "QUICK_WINDOWS", "Baseline",
     "ProgressFn", "QuickComparison", "QuickNumbers", "Speed", "SpeedSettings", "eval_texts", "generation_speed",
-    "measure_generation", "quick_baseline", "quick_compare", "quick_perplexity", "quick_task", "quick_threads",
+    "measure_generation", "measure_original", "quick_baseline", "quick_compare", "quick_perplexity", "quick_task",
+    "quick_threads",
     "timing_threads",
 ]

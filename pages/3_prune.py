@@ -145,6 +145,8 @@ st.subheader("Apply and compare")
 with st.container(border=True):
     prompt = st.text_input("Prompt for the side-by-side generation", value="The king said to his daughter,",
                            key="pr_prompt", persist_state="session")
+    model_key = session.current_settings().model_key()
+    resources.prewarm_original(shared, model_key, prompt)  # the first Apply then measures the pruned model only
     apply = st.button("Apply plan", type="primary", icon=":material/content_cut:", key="pr_apply",
                       disabled=plan is None or plan.n_removed == 0,
                       help="Builds the pruned model (a new object; the cached original is untouched) and "
@@ -155,7 +157,7 @@ with st.container(border=True):
         st.caption("The plan removes no layer yet: move a slider or pick layers.")
     if apply and plan is not None:
         with errors.guarded("applying the plan"), resources.quick_progress("Pruning and measuring") as progress:
-            model_key = session.current_settings().model_key()
+            resources.wait_original(model_key, prompt, progress)
             new_model = resources.apply_only(shared, plan)
             both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt, progress)
             quick, original = both["pruned"], both["original"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import logging
 import tempfile
 import threading
 from collections import OrderedDict
@@ -39,6 +40,7 @@ class SharedModel:
     loaded: Any  # layerlens.loading.LoadedModel
     lock: threading.RLock
     per_layer_params: tuple[int, ...]
+    busy: str = ""  # what this process's background work is doing with the model, while it holds the lock
 
     @property
     def model(self) -> Any:
@@ -82,7 +84,9 @@ def model_lock(shared: SharedModel, note: Any = None, quiet: bool = False) -> It
     """Hold the model's lock; tell the user when another session is using the model meanwhile."""
     if not shared.lock.acquire(blocking=False):
         if not quiet:
-            (note or st).info("Another session is using this model; waiting for it to finish…", icon=":material/hourglass_top:")
+            who = f"Waiting for the {shared.busy} to finish…" if shared.busy else \
+                "Another session is using this model; waiting for it to finish…"
+            (note or st).info(who, icon=":material/hourglass_top:")
         shared.lock.acquire()
     try:
         yield
@@ -153,9 +157,10 @@ class QuickStore:
     Not ``st.cache_data``: a cached function replays the elements it drew, and the progress bar that Apply
     updates while measuring lives outside the function (a replay would fail). Entries: every comparison
     per model + plan + prompt (a share link reuses it); the original's side (perplexity, speed, text) per
-    model + prompt + speed settings, measured at the first Apply (interleaved with that plan's runs), not
-    at every Apply; the original's :class:`~layerlens.compare.Baseline` per model (perplexity and layer
-    inputs on the quick windows)."""
+    model + prompt + speed settings, measured in the background when the Prune page opens
+    (:func:`prewarm_original`), else at the first Apply (interleaved with that plan's runs), not at every
+    Apply; the original's :class:`~layerlens.compare.Baseline` per model (perplexity and layer inputs on the
+    quick windows)."""
 
     KIND_LIMITS = {"baseline": 2}  # layer inputs can be large: as many as models are cached
 
@@ -163,6 +168,25 @@ class QuickStore:
         self._lock = threading.Lock()
         self._size = size
         self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._running: dict[tuple, threading.Thread] = {}
+
+    def start_once(self, key: tuple, work: Any) -> threading.Thread | None:
+        """Run ``work()`` in a background thread unless ``key`` is stored or already being computed."""
+        with self._lock:
+            if key in self._items or (key in self._running and self._running[key].is_alive()):
+                return None
+            thread = self._running[key] = threading.Thread(target=work, daemon=True, name=f"layerlens-{key[0]}")
+            thread.start()
+            return thread
+
+    def wait(self, key: tuple) -> bool:
+        """Wait for the background work on ``key``; True if there was some to wait for."""
+        with self._lock:
+            thread = self._running.get(key)
+        if thread is None or not thread.is_alive():
+            return False
+        thread.join()
+        return True
 
     def get(self, key: tuple, *, frozen: bool = False) -> Any:
         """The entry or None; a copy (callers may change it, as with st.cache_data) unless ``frozen``."""
@@ -189,6 +213,48 @@ def quick_store() -> QuickStore:
     return QuickStore()
 
 
+def _original_key(model_key: tuple, prompt: str) -> tuple:
+    return ("original", model_key, prompt, compare.QUICK_SPEED.key())
+
+
+def _baseline(store: QuickStore, shared: SharedModel, model_key: tuple,
+              progress: compare.ProgressFn | None = None) -> compare.Baseline:
+    """The original's :class:`~layerlens.compare.Baseline`, measured once per model (hold the model lock)."""
+    baseline = store.get(("baseline", model_key), frozen=True)  # frozen, and its tensors are never changed
+    if baseline is None:
+        if progress is not None:
+            progress(0, 1, f"Original model: perplexity on {compare.QUICK_WINDOWS} windows (once per model)")
+        with compare.timing_threads(next(shared.model.parameters()).device):
+            baseline = compare.quick_baseline(shared.model, shared.tokenizer)
+        store.put(("baseline", model_key), baseline, frozen=True)
+    return baseline
+
+
+def prewarm_original(shared: SharedModel, model_key: tuple, prompt: str) -> None:
+    """Measure the original's side of Apply (perplexity, timed generation of ``prompt``) in a background
+    thread while the user is still choosing a plan, once per model + prompt, so the first Apply measures
+    only the pruned model. A failure leaves nothing stored: Apply then measures the original itself."""
+    store = quick_store()
+    key = _original_key(model_key, prompt)
+
+    def work() -> None:
+        try:
+            with shared.lock:
+                shared.busy = "background measurement of the original model (for Apply)"
+                try:
+                    baseline = _baseline(store, shared, model_key)
+                    numbers = compare.measure_original(shared.model, shared.tokenizer, prompt, baseline=baseline)
+                    store.put(key, numbers)
+                finally:
+                    shared.busy = ""
+        except Exception:  # noqa: BLE001 -- Apply measures the original itself and reports any error
+            logging.getLogger(__name__).warning("measuring the original model in the background failed",
+                                                exc_info=True)
+
+    if prompt.strip():
+        store.start_once(key, work)
+
+
 def cached_quick_compare(shared: SharedModel, model_key: tuple, plan_json: str, prompt: str,
                          progress: compare.ProgressFn | None = None) -> dict[str, Any]:
     """:func:`layerlens.compare.quick_compare` of a plan as a dict (``{"original": ..., "pruned": ...}``),
@@ -200,16 +266,11 @@ def cached_quick_compare(shared: SharedModel, model_key: tuple, plan_json: str, 
     if result is not None:
         return result
     plan = PrunePlan.from_json(plan_json)
-    original_key = ("original", model_key, prompt, speed.key())
+    original_key = _original_key(model_key, prompt)
+    wait_original(model_key, prompt, progress)
     original = store.get(original_key)
     with model_lock(shared):  # says so when another session holds the model
-        baseline = store.get(("baseline", model_key), frozen=True)  # frozen, and its tensors are never changed
-        if baseline is None:
-            if progress is not None:
-                progress(0, 1, f"Original model: perplexity on {compare.QUICK_WINDOWS} windows (once per model)")
-            with compare.timing_threads(next(shared.model.parameters()).device):
-                baseline = compare.quick_baseline(shared.model, shared.tokenizer)
-            store.put(("baseline", model_key), baseline, frozen=True)
+        baseline = _baseline(store, shared, model_key, progress)
         comparison = compare.quick_compare(shared.model, shared.tokenizer, plan, prompt, baseline=baseline,
                                            original=original, speed=speed, progress=progress)
     if original is None:
@@ -217,6 +278,14 @@ def cached_quick_compare(shared: SharedModel, model_key: tuple, plan_json: str, 
     result = comparison.to_dict()
     store.put(done_key, result)
     return result
+
+
+def wait_original(model_key: tuple, prompt: str, progress: compare.ProgressFn | None = None) -> None:
+    """Let :func:`prewarm_original`'s measurement finish (before Apply takes the model)."""
+    store, key = quick_store(), _original_key(model_key, prompt)
+    if progress is not None and store.get(key, frozen=True) is None:
+        progress(0, 1, "Original model: finishing its measurement, started when this page opened")
+    store.wait(key)
 
 
 @contextlib.contextmanager

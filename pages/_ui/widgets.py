@@ -134,6 +134,8 @@ def quick_basis(quick: Mapping[str, Any]) -> str:
         speed += f" with {quick['threads']} thread{'s' if quick['threads'] != 1 else ''}"
     if quick.get("tokens_per_s_spread") is not None:
         speed += f" (± {quick.get('spread', 'spread of the runs')})"
+    if quick.get("speedup_paired") is False:
+        speed += "; the original's runs were timed earlier (same settings), not interleaved with these"
     return (f"Quick check: {ppl}; {speed}. A first impression, not a benchmark: the Evaluate page measures "
             "more text and MMLU.")
 

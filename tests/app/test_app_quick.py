@@ -33,18 +33,45 @@ def test_apply_shows_progress_and_measures_the_original_once(app, monkeypatch):
     monkeypatch.setattr(compare, "measure_generation", measure)
     monkeypatch.setattr(compare, "quick_compare", quick)
     app.run()
+    resources = __import__("pages._ui.resources", fromlist=["quick_store"])
+    store = resources.quick_store()
+    # opening the page starts measuring the original in the background (issue 14 item 6: first Apply <= 5 s)
+    originals = [k for k in store._running if k[0] == "original"]
+    assert len(originals) == 1
+    store.wait(originals[0])
+    assert measured == [["Original model"]] and store.get(originals[0]).speed.runs
     app.button(key="pr_apply").click().run()
     assert not app.exception and not app.error
-    assert measured == [["Original model", "Pruned model"]]  # first Apply: both, interleaved
+    assert measured == [["Original model"], ["Pruned model"]]  # first Apply: only the pruned model
     assert any("Timing generation" in s for s in steps) and steps[-1] == "Done"
     assert not app.get("progress")  # the bar is gone once the numbers are on screen
     app.slider(key="pr_ratio").set_value(0.5).run()
     app.button(key="pr_apply").click().run()
     assert not app.exception and not app.error
-    assert measured[1:] == [["Pruned model"]]  # the original's figure is reused, not measured again
-    store = __import__("pages._ui.resources", fromlist=["quick_store"]).quick_store()
+    assert measured[1:] == [["Pruned model"], ["Pruned model"]]  # the original's figure is reused
     originals = [k for k in store._items if k[0] == "original"]
     assert len(originals) == 1
+
+
+def test_apply_right_after_opening_waits_for_the_background_measurement(app, monkeypatch):
+    """Apply pressed while the original is still measured in the background: it waits for that measurement
+    (no second measurement, no "another session" message) and shows a comparison against it."""
+    measured = []
+    real_measure = compare.measure_generation
+
+    def slow_measure(models, names, *args, **kwargs):
+        measured.append(list(names))
+        if names == ["Original model"]:
+            __import__("time").sleep(1.0)  # still running when Apply is pressed
+        return real_measure(models, names, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "measure_generation", slow_measure)
+    app.run()
+    app.button(key="pr_apply").click().run()
+    assert not app.exception and not app.error
+    assert not [i for i in app.info if "Another session" in i.value]
+    assert measured == [["Original model"], ["Pruned model"]]
+    assert app.session_state["ll_pruned"]["original"]["tokens_per_s"] > 0
 
 
 def test_an_unexpected_error_is_one_sentence_naming_the_log(app, app_env, monkeypatch):

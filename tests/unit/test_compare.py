@@ -201,3 +201,18 @@ def test_an_empty_prompt_is_one_sentence(loaded, plan):
 
     with pytest.raises(LayerLensError, match="prompt is empty"):
         compare.quick_compare(loaded.model, loaded.tokenizer, plan, "")
+
+
+def test_measure_original_is_the_original_side_of_a_comparison(loaded, plan):
+    """What the dashboard measures in the background before the first Apply: the same perplexity and text
+    as the original's side of quick_compare, with its own timed runs, and only the original generating."""
+    model, tok = loaded.model, loaded.tokenizer
+    steps = []
+    alone = compare.measure_original(model, tok, "The king said", progress=lambda d, t, s: steps.append((d, t)))
+    both = compare.quick_compare(model, tok, plan, "The king said")
+    assert alone.perplexity == both.original.perplexity
+    assert alone.generation == both.original.generation
+    assert len(alone.speed.runs) == compare.QUICK_SPEED.runs and alone.tokens_per_s == alone.speed.median
+    assert alone.surgery_s is None
+    assert steps[-1][0] == steps[-1][1] and all(d <= t for d, t in steps)
+    assert len(steps) == 1 + 1 + compare.QUICK_SPEED.runs + 1  # perplexity, warm-up, timed runs, done
