@@ -33,6 +33,10 @@ BENCHMARKS = {
     "memory": ("bench_memory.py", ["--diagnose"]),
     "mmlu_harness": ("bench_mmlu_harness.py", ["--profile"]),
     "sweep": ("bench_sweep.py", []),
+    "sweep_estimate": ("bench_sweep_estimate.py", []),
+    "quick": ("bench_quick.py", []),
+    "merge_defaults": ("bench_merge_defaults.py", []),
+    "heal": ("bench_heal.py", []),
     "dashboard": ("bench_dashboard.py", ["--profile", "--profile-server"]),
 }
 
