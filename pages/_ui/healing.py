@@ -77,6 +77,7 @@ class HealJob:
         if not shared.lock.acquire(blocking=False):
             self.text = "Another session is using this model; waiting for it to finish…"
             shared.lock.acquire()
+        shared.busy = "healing run (Heal page)"  # what other pages say while they wait for the model
         try:
             self.text = "Healing: measuring the pruned model's held-out perplexity (step 0)…"
             result = heal_plan(shared.model, shared.tokenizer, self.plan, self.train, eval_texts(), self.config,
@@ -93,6 +94,7 @@ class HealJob:
             self.numbers = measure_three(models, shared.tokenizer, self.prompt, questions=questions, known=self.known,
                                          progress=self._progress("Measuring: "))
         finally:
+            shared.busy = ""
             shared.lock.release()
 
 

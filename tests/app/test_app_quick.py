@@ -89,3 +89,37 @@ def test_an_unexpected_error_is_one_sentence_naming_the_log(app, app_env, monkey
     assert f"full log is in {log}" in err
     text = log.read_text()
     assert "Traceback (most recent call last)" in text and "a bug deep in the library" in text
+
+
+def test_waiting_for_the_model_names_this_processs_background_work():
+    """A page waiting for the model's lock says which work holds it (not "another session") when it is this
+    process's own background measurement or healing run."""
+    import threading
+
+    from pages._ui.resources import SharedModel, model_lock
+
+    shared = SharedModel(loaded=None, lock=threading.RLock(), per_layer_params=())
+    said, held, release = [], threading.Event(), threading.Event()
+
+    class Note:
+        def info(self, text, **kwargs):
+            said.append(text)
+            release.set()
+
+    def hold():
+        with shared.lock:
+            shared.busy = "healing run (Heal page)"
+            held.set()
+            release.wait(10)
+            shared.busy = ""
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    held.wait(10)
+    with model_lock(shared, Note()):
+        pass
+    worker.join()
+    assert said == ["Waiting for the healing run (Heal page) to finish…"]
+    with model_lock(shared, Note()):  # free: nothing said
+        pass
+    assert len(said) == 1
