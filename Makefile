@@ -18,8 +18,9 @@ $(VENV)/.deps: requirements.txt requirements-defaults.txt pyproject.toml | $(BIN
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.dev-deps: requirements-dev.txt $(VENV)/.deps
+$(VENV)/.dev-deps: requirements-dev.txt requirements-ray.txt $(VENV)/.deps
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -r requirements-ray.txt
 	touch $@
 
 venv deps: $(VENV)/.deps

@@ -34,10 +34,12 @@ BENCHMARKS = {
     "mmlu_harness": ("bench_mmlu_harness.py", ["--profile"]),
     "sweep": ("bench_sweep.py", []),
     "sweep_estimate": ("bench_sweep_estimate.py", []),
+    "ray": ("bench_ray.py", []),
     "quick": ("bench_quick.py", []),
     "merge_defaults": ("bench_merge_defaults.py", []),
     "heal": ("bench_heal.py", []),
     "dashboard": ("bench_dashboard.py", ["--profile", "--profile-server"]),
+    "layerwise": ("bench_layerwise.py", ["--layers", "6"]),  # writes a 1.5 GB model under /tmp (deleted after)
 }
 
 
@@ -47,7 +49,7 @@ def _norm(name: str) -> str:
 
 def pinned_names() -> set[str]:
     names = set()
-    for f in ("requirements.txt", "requirements-dev.txt", "requirements-defaults.txt"):
+    for f in ("requirements.txt", "requirements-dev.txt", "requirements-defaults.txt", "requirements-ray.txt"):
         path = ROOT / f
         if not path.exists():
             continue

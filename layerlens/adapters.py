@@ -3,10 +3,20 @@
 An adapter says where the decoder layers live, where the final norm is, which config
 field holds the layer count, and which sub-modules of a layer hold the attention and MLP
 weights (for merging). Surgery and capture only talk to models through this module.
+
+Sublayers: ``mid_residual`` names the sub-module of a layer whose INPUT is the residual stream between
+the attention add and the MLP add (llama-likes: ``post_attention_layernorm``; Gemma 2/3:
+``pre_feedforward_layernorm``; GPT-2: ``ln_2``; OLMo 2: ``mlp``); ``no_mid_residual_when`` lists config
+``(field, value)`` pairs under which the layer has no such state (GPT-NeoX with
+``use_parallel_residual``: attention and MLP read the same input and add to it together; OPT with
+``do_layer_norm_before=False``: the state between the adds is normed). ``attn_norms`` / ``mlp_norms``
+are norms that only feed (or only follow) that sublayer, skipped with it when it is dropped; ``attn_out``
+/ ``mlp_out`` are its output projections (zeroed by the plain-transformers export of a dropped sublayer).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -27,9 +37,24 @@ class ArchAdapter:
     # list of length L found in the config is treated the same way; these are just documented.
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     generic: bool = False
+    mid_residual: str | None = None
+    no_mid_residual_when: tuple[tuple[str, object], ...] = ()
+    attn_norms: tuple[str, ...] = ()
+    mlp_norms: tuple[str, ...] = ()
+    attn_out: str | None = None
+    mlp_out: str | None = None
 
 
-_LLAMA_LIKE = ArchAdapter(layers="model.layers", final_norm="model.norm")
+_LLAMA_LIKE = ArchAdapter(layers="model.layers", final_norm="model.norm",
+                          mid_residual="post_attention_layernorm", attn_norms=("input_layernorm",),
+                          mlp_norms=("post_attention_layernorm",), attn_out="self_attn.o_proj",
+                          mlp_out="mlp.down_proj")
+# Gemma 2/3: sandwich norms; post_attention_layernorm normalises the attention OUTPUT before the add.
+_GEMMA2_LIKE = ArchAdapter(layers="model.layers", final_norm="model.norm",
+                           mid_residual="pre_feedforward_layernorm",
+                           attn_norms=("input_layernorm", "post_attention_layernorm"),
+                           mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                           attn_out="self_attn.o_proj", mlp_out="mlp.down_proj")
 
 ADAPTERS: dict[str, ArchAdapter] = {
     "llama": _LLAMA_LIKE,
@@ -37,17 +62,30 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
+    "phi3": ArchAdapter(layers="model.layers", final_norm="model.norm", mid_residual="post_attention_layernorm",
+                        attn_norms=("input_layernorm",), mlp_norms=("post_attention_layernorm",),
+                        attn_out="self_attn.o_proj", mlp_out="mlp.down_proj"),
     "granite": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    # OLMo 2 norms the sublayer OUTPUTS (post_attention_layernorm / post_feedforward_layernorm); the MLP
+    # reads the residual itself.
+    "olmo2": ArchAdapter(layers="model.layers", final_norm="model.norm", mid_residual="mlp",
+                         attn_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
+                         attn_out="self_attn.o_proj", mlp_out="mlp.down_proj"),
     "gpt2": ArchAdapter(layers="transformer.h", final_norm="transformer.ln_f",
-                        num_layers_field="n_layer", attention="attn", mlp="mlp"),
+                        num_layers_field="n_layer", attention="attn", mlp="mlp", mid_residual="ln_2",
+                        attn_norms=("ln_1",), mlp_norms=("ln_2",), attn_out="attn.c_proj", mlp_out="mlp.c_proj"),
     "gpt_neox": ArchAdapter(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm",
-                            attention="attention", mlp="mlp"),
+                            attention="attention", mlp="mlp", mid_residual="post_attention_layernorm",
+                            no_mid_residual_when=(("use_parallel_residual", True),),
+                            attn_norms=("input_layernorm",), mlp_norms=("post_attention_layernorm",),
+                            attn_out="attention.dense", mlp_out="mlp.dense_4h_to_h"),
+    # OPT's MLP is fc1 -> activation -> fc2 inside the layer (no module of its own); its input is 2-D.
     "opt": ArchAdapter(layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
-                       attention="self_attn", mlp="fc1,fc2"),
+                       attention="self_attn", mlp="fc1,fc2", mid_residual="final_layer_norm",
+                       no_mid_residual_when=(("do_layer_norm_before", False),),
+                       attn_out="self_attn.out_proj", mlp_out="fc2"),
 }
 
 TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
@@ -124,6 +162,35 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 def layer_count(model: nn.Module) -> int:
     return len(decoder_layers(model))
+
+
+def mid_residual_path(model: nn.Module) -> str | None:
+    """The sub-module (of every decoder layer) whose input is the residual between the attention add and
+    the MLP add, or None when the architecture has no such state (parallel residual, unknown layout)."""
+    adapter = adapter_for(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if adapter.mid_residual is None:
+        return None
+    for field, value in adapter.no_mid_residual_when:
+        if getattr(config, field, None) == value:
+            return None
+    return adapter.mid_residual
+
+
+def sublayer_params(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Per decoder layer: (attention parameters, MLP parameters) -- what dropping each sublayer removes."""
+    adapter = adapter_for(model)
+    out = []
+    for layer in decoder_layers(model):
+        counts = []
+        for paths in ((adapter.attention,), tuple(adapter.mlp.split(","))):
+            total = 0
+            for path in paths:
+                with contextlib.suppress(AttributeError):
+                    total += sum(p.numel() for p in get_attr(layer, path).parameters())  # type: ignore[union-attr]
+            counts.append(total)
+        out.append((counts[0], counts[1]))
+    return tuple(out)
 
 
 def mergeable_parts(model: nn.Module, layer: nn.Module) -> list[nn.Module]:

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -19,7 +20,7 @@ from .loading import load_model
 from .runs import write_error_log
 
 # Each module in layerlens/commands exposes register(subparsers); its parser sets func=run(args) -> int.
-COMMANDS = ("analyze", "prune", "heal", "evaluate", "sweep")
+COMMANDS = ("analyze", "prune", "heal", "evaluate", "sweep", "damage", "compare")
 
 # Library messages name parameters (`seq_len`, `dtype=float32`); the CLI names its flags instead.
 FLAGS = {
@@ -33,6 +34,12 @@ FLAGS = {
     "steps": "--steps", "seconds": "--seconds", "lr": "--lr", "lora_rank": "--lora-rank", "loss": "--loss",
     "targets": "--targets", "temperature": "--temperature", "kd_weight": "--kd-weight",
     "eval_windows": "--eval-windows", "eval_every": "--eval-every",
+    "tasks": "--tasks",
+    "address": "--ray", "workers": "--ray-workers",
+    "max_memory": "--max-memory", "layerwise": "--layerwise",
+    "drop_attn": "--drop-attn", "drop_mlp": "--drop-mlp", "last_state": "--last-state",
+    "block_distance": "--block-distance", "bootstrap": "--bootstrap", "rank_k": "--rank-k",
+    "sublayers": "--sublayers", "metric": "--metric", "k": "--k",
 }
 
 
@@ -65,11 +72,34 @@ def add_data_args(p: argparse.ArgumentParser, *, samples: int = 64, seq_len: int
     g.add_argument("--seed", type=int, default=0)
 
 
+def add_layerwise_args(p: argparse.ArgumentParser) -> None:
+    """--max-memory / --layerwise (analyze, eval, sweep, prune): models larger than memory, layer by layer."""
+    g = p.add_argument_group("models larger than memory")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget for weights, e.g. 1GB or 512MB: a model whose weights exceed it runs layer "
+                        "by layer (one decoder layer's weights in memory at a time)")
+    g.add_argument("--layerwise", action="store_true",
+                   help="run layer by layer whatever the model's size (local safetensors folders)")
+
+
 def add_runs_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default=None, help="where every result is persisted (default ./runs)")
 
 
 def load_from_args(args: argparse.Namespace) -> Any:
+    """A loaded model, or a :class:`layerlens.layerwise.LayerwiseModel` (same ``info`` and ``tokenizer``) when
+    --layerwise is given or the weights exceed --max-memory."""
+    if getattr(args, "layerwise", False) or getattr(args, "max_memory", None):
+        from .layerwise import LayerwiseModel, wants_layerwise  # only with the layer-wise flags
+
+        if wants_layerwise(args.model, layerwise=args.layerwise, max_memory=args.max_memory, dtype=args.dtype,
+                           device=args.device):
+            from .runs import default_runs_dir
+
+            runs = getattr(args, "runs_dir", None)  # spills and mapped states go to the runs folder, not /tmp
+            return LayerwiseModel(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code,
+                                  work_dir=(Path(runs) if runs else default_runs_dir()) / "layerwise")
     return load_model(args.model, revision=args.revision, dtype=args.dtype, device=args.device,
                       device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
@@ -94,7 +124,11 @@ def cli_progress(desc: str):
 
 def capture_config_from_args(args: argparse.Namespace):
     return metrics.CaptureConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                                 cka_estimator=args.cka_estimator, skip_first=args.skip_first, seed=args.seed)
+                                 cka_estimator=args.cka_estimator, skip_first=args.skip_first, seed=args.seed,
+                                 last_state=getattr(args, "last_state", "pre-norm"),
+                                 block_distance=getattr(args, "block_distance", "all-tokens"),
+                                 bootstrap=getattr(args, "bootstrap", 1000),
+                                 rank_k=getattr(args, "rank_k", None))
 
 
 def analyze_from_args(args: argparse.Namespace, loaded: Any):
@@ -102,6 +136,10 @@ def analyze_from_args(args: argparse.Namespace, loaded: Any):
     texts = load_texts(args.data, role="calibration", field=args.text_field)
     meta = dict(model=loaded.info.model, revision=loaded.info.revision, model_type=loaded.info.model_type,
                 dtype=loaded.info.dtype, device=loaded.info.device)
+    if getattr(loaded, "layerwise", False):
+        return loaded.analyze(texts, capture_config_from_args(args), progress=cli_progress("analyze (layers)"),
+                              meta=meta)
+    meta["execution"] = "in_memory"
     return metrics.analyze(loaded.model, loaded.tokenizer, texts, capture_config_from_args(args),
                            progress=cli_progress("analyze"), meta=meta)
 

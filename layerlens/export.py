@@ -4,6 +4,13 @@ One save path for the CLI (``layerlens prune``) and the dashboard's Export page:
 a folder plain ``transformers`` loads plus :data:`PLAN_FILE`, the record of how it was made (plan, layer
 summary, the report it came from, provenance), atomically.
 
+Dropped sublayers (``plan.drop_attn``/``drop_mlp``): plain ``transformers`` has no way to say "this layer has
+no attention", so the folder holds the full layer with the sublayer's output projection (weight and bias)
+set to zeros (:func:`layerlens.surgery.exportable`): it adds exactly zero, and the logits equal the
+in-memory pruned model's. The attention and MLP still run (and fill a KV cache) in a plain reload;
+:func:`layerlens.loading.load_model` reads the plan recorded in :data:`PLAN_FILE` and skips them again
+(:func:`skip_recorded_sublayers`), so LayerLens gets the speed and KV-cache saving back.
+
 PNG rendering drives a Chrome through kaleido; that process management lives here, so
 :mod:`layerlens.plots` stays a module of pure figure builders.
 """
@@ -63,12 +70,49 @@ def save_pruned(model: Any, tokenizer: Any, plan: Any, folder: str | Path, *, re
     can keep the same record elsewhere (the CLI's runs folder).
     """
     record = plan_record(plan, report=report, meta=meta, heal=heal)
+    if getattr(plan, "has_sublayers", False):
+        from .surgery import exportable  # torch-heavy: only when there is something to convert
+
+        model = exportable(model)  # dropped sublayers -> zeroed output projections (module docstring)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / PLAN_FILE, record)
     return record
+
+
+def skip_recorded_sublayers(model: Any, folder: str | Path) -> Any:
+    """``model`` (loaded from ``folder``) with the sublayers its :data:`PLAN_FILE` says were dropped really
+    skipped (:func:`layerlens.surgery.apply_plan`, a new model sharing the weights); ``model`` itself when
+    the folder has no such record. The recorded indices are the ORIGINAL model's; they are mapped to the
+    saved model's layers through the recorded plan."""
+    import json
+
+    path = Path(folder) / PLAN_FILE
+    if not path.is_file():
+        return model
+    from .plans import PrunePlan
+    from .surgery import apply_plan
+
+    try:
+        plan = PrunePlan.from_dict(json.loads(path.read_text(encoding="utf-8"))["plan"])
+    except Exception:  # noqa: BLE001 - an unreadable record: the folder still loads as plain transformers
+        log.warning("Could not read the plan in %s; dropped sublayers (if any) run as zeroed layers.", path)
+        return model
+    if not plan.has_sublayers:
+        return model
+    from .adapters import layer_count
+
+    lmap = plan.layer_map
+    n = layer_count(model)
+    if plan.num_layers_after != n:
+        log.warning("%s records a %d-layer model but the folder has %d layers; sublayers not skipped.",
+                    path, plan.num_layers_after, n)
+        return model
+    local = PrunePlan(n, "remove", drop_attn=tuple(lmap[i] for i in plan.drop_attn),
+                      drop_mlp=tuple(lmap[i] for i in plan.drop_mlp), strategy="manual")
+    return apply_plan(model, local)
 
 
 def safe_name(text: str, default: str = "pruned-model") -> str:
@@ -167,5 +211,5 @@ def save_figure(fig: go.Figure, path: str | Path, png: bool = True, width: int =
 
 __all__ = [
     "PNG_HINT", "figure_png_bytes", "plan_record", "png_available", "safe_name", "save_figure",
-    "save_pruned", "zip_folder",
+    "save_pruned", "skip_recorded_sublayers", "zip_folder",
 ]

@@ -250,6 +250,10 @@ def load_model(spec: str = "default", *, revision: str | None = None, dtype: str
         model.to(dev)
     model.eval()
     adapter_for(model)  # unsupported architectures fail here, before any work
+    if isinstance(source, Path):  # a LayerLens-pruned folder: its dropped sublayers are skipped again
+        from .export import skip_recorded_sublayers
+
+        model = skip_recorded_sublayers(model, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -9,7 +9,26 @@ Over all non-pad tokens of all calibration samples pooled, with states h_0..h_L:
 * ``cka[a][b]``     linear CKA; ``minibatch``: unbiased HSIC summed over one minibatch per sample
                     (Nguyen, Raghu & Kornblith 2021); ``exact``: feature-space CKA in float64.
 
-Only sums are kept between batches, so memory does not grow with the number of samples.
+Sublayers (same pass, via the adapter's mid residual m_i between the attention add and the MLP add):
+
+* ``attn_bi[i]``  1 - mean cos(h_i, m_i); ``mlp_bi[i]``  1 - mean cos(m_i, h_{i+1})
+* ``attn_magnitude[i]`` mean ||m_i - h_i|| / ||m_i||; ``mlp_magnitude[i]`` mean ||h_{i+1} - m_i|| / ||h_{i+1}||
+  (the same form as ``magnitude``: the change relative to the state AFTER the step)
+
+They are None for an architecture without a mid residual (``meta["sublayers"]`` says why).
+
+Confidence (from per-sample sums kept in the same pass: per calibration sample and layer, the summed
+cosines and the token count -- O(samples x L) numbers): ``bi_ci_low``/``bi_ci_high`` (and ``attn_bi_ci_*``,
+``mlp_bi_ci_*``) are percentile bootstrap intervals (``bootstrap`` resamples of the SAMPLES with
+replacement, BI recomputed token-weighted as the point value, level ``ci_level``); ``bi_rank_freq[i][r]``
+is the fraction of resamples in which layer i has rank r (0 = lowest BI) and ``rank_stability[i]`` the
+fraction in which it is among the ``rank_k`` lowest (default ``round(L/4)``, at least 1).
+
+Peer conventions (recorded in ``meta``; defaults unchanged): ``last_state="post-norm"`` takes h_L after
+the final norm, as ShortGPT does (``hidden_states[-1]``); ``block_distance="last-token"`` computes the
+angular block distance from each sample's last token only, as PruneMe / Gromov et al.'s code does.
+
+Only sums are kept between batches, so memory does not grow with the number of tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .capture import ResidualCapture, reused_buffer
+from .capture import LAST_STATES, ResidualCapture, reused_buffer
 from .data import TextSet, batches, calibration_tokens, check_seq_len
 from .errors import LayerLensError, ResourceError
 from .loading import max_positions
@@ -33,6 +52,7 @@ from .surgery import private_view
 Progress = Callable[[int, int, str], None]
 
 CKA_ESTIMATORS = ("minibatch", "exact")
+BLOCK_DISTANCES = ("all-tokens", "last-token")
 EXACT_CKA_MAX_ELEMENTS = 64_000_000  # (L+1)^2 * D^2 float64 cross-covariances
 
 
@@ -56,8 +76,28 @@ class CaptureConfig:
     cka_estimator: str = "minibatch"
     seed: int = 0
     skip_first: int = 0
+    sublayers: bool = True
+    bootstrap: int = 1000
+    ci_level: float = 0.95
+    rank_k: int | None = None
+    last_state: str = "pre-norm"
+    block_distance: str = "all-tokens"
 
     def validate(self) -> None:
+        if self.bootstrap < 0:
+            raise LayerLensError(f"`bootstrap` must be 0 (off) or a number of resamples (got {self.bootstrap}).")
+        if not 0.0 < self.ci_level < 1.0:
+            raise LayerLensError(f"`ci_level` must be between 0 and 1, e.g. 0.95 (got {self.ci_level}).")
+        if self.rank_k is not None and self.rank_k < 1:
+            raise LayerLensError(f"`rank_k` must be at least 1 (got {self.rank_k}).")
+        if self.last_state not in LAST_STATES:
+            raise LayerLensError(f"Unknown `last_state` '{self.last_state}'; use {' or '.join(LAST_STATES)}.")
+        if self.block_distance not in BLOCK_DISTANCES:
+            raise LayerLensError(f"Unknown `block_distance` '{self.block_distance}'; use "
+                                 f"{' or '.join(BLOCK_DISTANCES)}.")
+        self._validate_sizes()
+
+    def _validate_sizes(self) -> None:
         if self.samples < 1:
             raise LayerLensError(f"`samples` must be at least 1 (got {self.samples}).")
         if self.batch_size < 1:
@@ -102,6 +142,15 @@ class _Accumulators:
         self.hsic_sum = torch.zeros(num_states, num_states, **f64)
         self.cka_minibatches = 0
         self._buffers: dict[str, torch.Tensor] = {}
+        # per calibration sample: summed cos(h_i, h_{i+1}) over its tokens, and its token count (bootstrap)
+        self.sample_cos: list[torch.Tensor] = []
+        self.sample_tokens: list[torch.Tensor] = []
+        # sublayers: totals and per-sample sums of the per-token numbers (rows of capture.SUBLAYER_ROWS)
+        self.sub_sum = torch.zeros(4, num_states - 1, **f64)
+        self.sample_sub: list[torch.Tensor] = []
+        # PruneMe's convention: cosines between every pair of states on each sample's last token only
+        self.last_cos_sum = torch.zeros(num_states, num_states, **f64)
+        self.last_tokens = 0
         if estimator == "exact":
             if num_states**2 * hidden**2 > EXACT_CKA_MAX_ELEMENTS:
                 raise ResourceError(
@@ -144,6 +193,16 @@ class _Accumulators:
             unit.masked_fill_(~keep[None, :, :, None], 0.0)  # pads add nothing to the cosine sums
         flat = unit.view(s, -1)
         self.cos_sum += (flat @ flat.T).double()
+        per_sample = unit.view(s, b, 1, w * d)  # (S-1, B) summed cos(h_i, h_{i+1}) per sample, as a bmm
+        adjacent = (per_sample[:-1] @ per_sample[1:].transpose(2, 3)).view(s - 1, b)
+        self.sample_cos.append(adjacent.T.double().cpu())
+        self.sample_tokens.append(torch.tensor(lengths, dtype=torch.float64))
+        rows = [i for i, n in enumerate(lengths) if n > 0]
+        if rows:
+            last = (w - 1 - keep.flip(1).float().argmax(dim=1))[rows]  # each sample's last kept position
+            ends = unit[:, rows, last]  # (S, R, D), unit vectors
+            self.last_cos_sum += torch.einsum("ard,brd->ab", ends, ends).double()
+            self.last_tokens += len(rows)
         delta = torch.sub(x[1:], x[:-1], out=scratch[: s - 1])
         relative = delta.norm(dim=3) / norms[1:, ..., 0]  # (S-1, B, T)
         relative = relative[:, keep] if padded else relative.view(s - 1, -1)
@@ -162,6 +221,13 @@ class _Accumulators:
                 xs = x[:, i, :n] if bool(row[:n].all()) else x[:, i][:, row]
                 self.hsic_sum += unbiased_hsic_matrix(xs @ xs.transpose(1, 2))
                 self.cka_minibatches += 1
+
+    def update_sublayers(self, sub: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add one batch of per-token sublayer numbers ``(4, L, B, T)`` (rows of capture.SUBLAYER_ROWS)."""
+        keep = mask.to(sub.device).to(sub.dtype)
+        per_sample = (sub.nan_to_num() * keep).sum(dim=3)  # (4, L, B); pads may hold anything
+        self.sub_sum += per_sample.sum(dim=2).double()
+        self.sample_sub.append(per_sample.permute(2, 0, 1).double().cpu())  # (B, 4, L)
 
     def cka(self) -> torch.Tensor:
         if self.estimator == "exact":
@@ -183,11 +249,60 @@ class _Accumulators:
         cosine = (self.cos_sum / self.tokens).clamp(-1.0, 1.0)
         num_layers = self.s - 1
         bi = [1.0 - float(cosine[i, i + 1]) for i in range(num_layers)]
-        block = [[math.acos(float(cosine[i, i + n])) / math.pi for i in range(num_layers - n + 1)]
+        dist = cosine
+        if self.block_convention == "last-token":
+            dist = (self.last_cos_sum / max(self.last_tokens, 1)).clamp(-1.0, 1.0)
+        block = [[math.acos(float(dist[i, i + n])) / math.pi for i in range(num_layers - n + 1)]
                  for n in range(1, num_layers + 1)]
-        return dict(num_layers=num_layers, bi=tuple(bi), cosine=cosine.tolist(), cka=self.cka().tolist(),
-                    block_distance=tuple(tuple(r) for r in block),
-                    magnitude=tuple((self.mag_sum / self.tokens).tolist()))
+        out = dict(num_layers=num_layers, bi=tuple(bi), cosine=cosine.tolist(), cka=self.cka().tolist(),
+                   block_distance=tuple(tuple(r) for r in block),
+                   magnitude=tuple((self.mag_sum / self.tokens).tolist()))
+        if self.sample_sub:
+            mean = (self.sub_sum / self.tokens).tolist()
+            out.update(attn_bi=tuple(1.0 - x for x in mean[0]), attn_magnitude=tuple(mean[1]),
+                       mlp_bi=tuple(1.0 - x for x in mean[2]), mlp_magnitude=tuple(mean[3]))
+        return out
+
+    block_convention = "all-tokens"
+
+    def confidence(self, resamples: int, level: float, k: int, seed: int) -> dict[str, Any]:
+        """Percentile bootstrap over calibration samples (see the module docstring): CI bounds for BI (and
+        the sublayer BIs), the rank frequencies of BI and the rank stability for the ``k`` lowest."""
+        if resamples == 0 or not self.sample_cos:
+            return {}
+        tokens = torch.cat(self.sample_tokens)  # (N,)
+        cos = torch.cat(self.sample_cos)  # (N, L)
+        n, num_layers = cos.shape
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (resamples, n), generator=gen)
+        weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(resamples, n, dtype=torch.float64))  # how often each sample is drawn
+        denom = (weights @ tokens).clamp_min(1.0)[:, None]  # (R, 1)
+        lo_q, hi_q = (1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0
+
+        def interval(sums: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            boot = 1.0 - (weights @ sums) / denom  # (R, L) BI per resample
+            q = torch.quantile(boot, torch.tensor([lo_q, hi_q], dtype=torch.float64), dim=0)
+            return tuple(q[0].tolist()), tuple(q[1].tolist())
+
+        out: dict[str, Any] = {}
+        out["bi_ci_low"], out["bi_ci_high"] = interval(cos)
+        boot = 1.0 - (weights @ cos) / denom
+        # rank of each layer in each resample (ties -> lower index first, as lowest_k does)
+        order = torch.argsort(boot + torch.arange(num_layers, dtype=torch.float64) * 1e-15, dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(num_layers).expand(resamples, -1).contiguous())
+        freq = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+        freq.index_put_((torch.arange(num_layers).repeat(resamples), ranks.reshape(-1)),
+                        torch.ones(resamples * num_layers, dtype=torch.float64), accumulate=True)
+        freq /= resamples
+        out["bi_rank_freq"] = freq.tolist()
+        out["rank_stability"] = tuple(freq[:, :k].sum(dim=1).tolist())
+        if self.sample_sub:
+            sub = torch.cat(self.sample_sub)  # (N, 4, L)
+            out["attn_bi_ci_low"], out["attn_bi_ci_high"] = interval(sub[:, 0])
+            out["mlp_bi_ci_low"], out["mlp_bi_ci_high"] = interval(sub[:, 2])
+        return out
 
 
 def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = CaptureConfig(), *,
@@ -206,8 +321,13 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
     # dashboard sessions never carries them. The backbone alone runs: the LM head's matmul is skipped.
     view = private_view(model)
     backbone = getattr(view, "base_model", view)
-    with ResidualCapture(view) as capture, torch.inference_mode():
+    try:
+        capture = ResidualCapture(view, sublayers=config.sublayers, last_state=config.last_state)
+    except ValueError as exc:
+        raise LayerLensError(f"`last_state=post-norm` needs a final norm, and this model has none ({exc}).") from exc
+    with capture, torch.inference_mode():
         acc = _Accumulators(len(capture.layers) + 1, hidden, config.cka_estimator, device)
+        acc.block_convention = config.block_distance
         for step, batch in enumerate(batches(tokenizer, token_lists, config.batch_size, device)):
             if should_stop is not None and should_stop():
                 raise Cancelled("Analysis cancelled; nothing was saved. Press Analyze to start again.")
@@ -221,10 +341,19 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
                                     "`dtype=bfloat16`.") from exc
             skip = config.skip_first  # a slice: samples without padding keep the fast, padding-free path
             acc.update(capture.take()[:, :, skip:], batch.attention_mask[:, skip:])
+            if capture.has_sublayers:
+                acc.update_sublayers(capture.take_sublayers()[..., skip:], batch.attention_mask[:, skip:])
             if progress is not None:
                 progress(step + 1, total, f"batch {step + 1}/{total}")
     fields = acc.finish()
+    num_layers = fields["num_layers"]
+    rank_k = min(config.rank_k or max(1, round(num_layers / 4)), num_layers)
+    fields.update(acc.confidence(config.bootstrap, config.ci_level, rank_k, config.seed))
     info = dict(meta or {})
+    info.update(sublayers=sublayer_note(view) if config.sublayers else "off",
+                last_state=config.last_state, block_distance=config.block_distance,
+                bootstrap=({"resamples": config.bootstrap, "level": config.ci_level, "rank_k": rank_k,
+                            "seed": config.seed, "unit": "calibration sample"} if config.bootstrap else None))
     info.update(data=texts.source, data_description=texts.description, samples=len(token_lists),
                 seq_len=config.seq_len, batch_size=config.batch_size, tokens=acc.tokens, seed=config.seed,
                 cka_minibatches=acc.cka_minibatches if config.cka_estimator == "minibatch" else None,
@@ -233,6 +362,22 @@ def analyze(model: Any, tokenizer: Any, texts: TextSet, config: CaptureConfig = 
     info.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
     info.setdefault("device", str(device))
     return LayerReport(cka_estimator=config.cka_estimator, meta=provenance(**info), **fields)
+
+
+def sublayer_note(model: Any) -> str:
+    """Where the sublayer metrics come from, or why this architecture has none (``meta["sublayers"]``)."""
+    from .adapters import adapter_for, mid_residual_path
+
+    path = mid_residual_path(model)
+    if path is not None:
+        return f"mid residual = input of each layer's '{path}'"
+    adapter = adapter_for(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for field_name, value in adapter.no_mid_residual_when:
+        if getattr(config, field_name, None) == value:
+            return (f"none: {field_name}={value} -- attention and MLP do not add to the residual one after the "
+                    "other, so there is no state between them (attn_bi/mlp_bi are None)")
+    return "none: LayerLens does not know where this architecture's mid-layer residual is (attn_bi/mlp_bi are None)"
 
 
 def capture_config_dict(config: CaptureConfig) -> dict[str, Any]:

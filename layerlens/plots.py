@@ -44,7 +44,10 @@ from .plans.registry import get_strategy, is_registered
 # Colours of names that are not registered strategies (e.g. a sweep's "current" plan), stable per name.
 _FALLBACK_COLORS = ("#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 
-STATUS_COLORS = {"kept": "#4c9be8", "removed": "#d9534f", "merged": "#f0ad4e"}
+STATUS_COLORS = {"kept": "#4c9be8", "removed": "#d9534f", "merged": "#f0ad4e", "dropped": "#8e44ad"}
+# The rows of a sublayer chart / strip: whole layer, its attention, its MLP (one colour each in grouped bars).
+SUBLAYER_SERIES = {"bi": ("whole layer", "#4c9be8"), "attn_bi": ("attention", "#bcbd22"),
+                   "mlp_bi": ("MLP", "#17becf")}
 GROUP_COLOR = "#7a4a00"  # outline and bracket of a merge group on the layer strip
 
 TEMPLATE = "plotly_white"
@@ -103,7 +106,29 @@ BAR_METRICS = {
     "magnitude": ("Relative Magnitude per layer", "Relative Magnitude = ‖h_i+1 − h_i‖ / ‖h_i+1‖ (unitless)"),
     "block_distance": ("Angular distance across a block of {n} layer(s)",
                        "Angular distance arccos(cos(h_i, h_i+n)) / π (0–1)"),
+    "attn_bi": ("Attention-sublayer BI per layer", "Attention BI = 1 − cos(h_i, m_i) (unitless)"),
+    "mlp_bi": ("MLP-sublayer BI per layer", "MLP BI = 1 − cos(m_i, h_i+1) (unitless)"),
+    "attn_magnitude": ("Attention Relative Magnitude per layer", "‖m_i − h_i‖ / ‖m_i‖ (unitless)"),
+    "mlp_magnitude": ("MLP Relative Magnitude per layer", "‖h_i+1 − m_i‖ / ‖h_i+1‖ (unitless)"),
 }
+SUBLAYER_METRICS = ("attn_bi", "mlp_bi", "attn_magnitude", "mlp_magnitude")
+
+
+def error_bounds(report: Any, metric: str) -> tuple[list[float], list[float]] | None:
+    """The bootstrap interval ``(low, high)`` per layer of ``bi`` / ``attn_bi`` / ``mlp_bi``, or None."""
+    low, high = getattr(report, f"{metric}_ci_low", None), getattr(report, f"{metric}_ci_high", None)
+    if low is None or high is None:
+        return None
+    return [float(x) for x in low], [float(x) for x in high]
+
+
+def _error_y(values: list[float], bounds: tuple[list[float], list[float]] | None) -> dict[str, Any] | None:
+    if bounds is None:
+        return None
+    low, high = bounds
+    return dict(type="data", symmetric=False, array=[max(h - v, 0.0) for v, h in zip(values, high, strict=True)],
+                arrayminus=[max(v - lo, 0.0) for v, lo in zip(values, low, strict=True)], thickness=1.2, width=3,
+                color="#444")
 
 
 def bar_values(report: Any, metric: str = "bi", block_size: int = 1) -> list[float]:
@@ -112,6 +137,12 @@ def bar_values(report: Any, metric: str = "bi", block_size: int = 1) -> list[flo
         return [float(x) for x in report.bi]
     if metric == "magnitude":
         return [float(x) for x in report.magnitude]
+    if metric in SUBLAYER_METRICS:
+        values = getattr(report, metric, None)
+        if values is None:
+            raise ValueError(f"this report has no {metric} (made before sublayers were measured, or the "
+                             "architecture has no residual between attention and MLP)")
+        return [float(x) for x in values]
     if metric == "block_distance":
         n = int(block_size)
         if not 1 <= n <= report.num_layers:
@@ -144,6 +175,12 @@ def bi_bar(report: Any, metric: str = "bi", block_size: int = 1, highlight: Any 
         hovertemplate="<b>%{hovertext}</b><br>value %{y:.5f}<br>rank %{customdata[1]} (1 = most redundant)"
                       "<extra></extra>",
     )
+    errors = _error_y(values, error_bounds(report, metric)) if n == 1 else None
+    if errors is not None:  # bootstrap interval over calibration samples (LayerReport.bi_ci_low/high)
+        bar["error_y"] = errors
+        level = (getattr(report, "meta", {}).get("bootstrap") or {}).get("level", 0.95)
+        bar["hovertemplate"] = bar["hovertemplate"].replace(
+            "<extra>", f"<br>{level:.0%} interval: error bar<extra>")
     head, ytitle = BAR_METRICS[metric]
     step = 1 if len(values) <= 24 else 2 if len(values) <= 64 else _tick_step(len(values))
     return _figure([bar], _layout(
@@ -153,6 +190,69 @@ def bi_bar(report: Any, metric: str = "bi", block_size: int = 1, highlight: Any 
                                 else f"First layer of the {n}-layer block (0-based)"),
                    tickmode="linear", tick0=0, dtick=step, range=[-0.6, len(values) - 0.4], tickangle=0),
         yaxis=dict(title=_title(ytitle)), showlegend=False, bargap=0.15, dragmode="select",
+    ))
+
+
+def sublayer_bars(report: Any, highlight: Any = None, title: str | None = None) -> go.Figure:
+    """Grouped bars per decoder layer: the whole layer's BI beside its attention and MLP sublayer BIs, with
+    bootstrap error bars when the report has them. ``highlight``: a ``plan_summary`` list; bars of removed
+    layers / dropped sublayers are outlined in red."""
+    if getattr(report, "attn_bi", None) is None or getattr(report, "mlp_bi", None) is None:
+        raise ValueError("this report has no attention/MLP BI (made before sublayers were measured, or the "
+                         "architecture has no residual between attention and MLP)")
+    n = report.num_layers
+    marked: dict[str, set[int]] = {"bi": set(), "attn_bi": set(), "mlp_bi": set()}
+    for r in highlight or ():
+        if r.get("status") in ("removed", "merged") and r.get("into") != r["layer"]:
+            marked["bi"].add(int(r["layer"]))
+        if r.get("attn") == "dropped":
+            marked["attn_bi"].add(int(r["layer"]))
+        if r.get("mlp") == "dropped":
+            marked["mlp_bi"].add(int(r["layer"]))
+    data = []
+    for metric, (label, color) in SUBLAYER_SERIES.items():
+        values = [float(x) for x in getattr(report, metric)]
+        bar = dict(type="bar", x=list(range(n)), y=values, name=label, marker=dict(
+            color=color, line=dict(color=[STATUS_COLORS["removed"] if i in marked[metric] else color
+                                          for i in range(n)], width=[3 if i in marked[metric] else 0
+                                                                     for i in range(n)])),
+            customdata=np.array([[i] for i in range(n)]),
+            hovertemplate=f"<b>layer %{{x}}: {label}</b><br>BI %{{y:.5f}}<extra></extra>")
+        errors = _error_y(values, error_bounds(report, metric))
+        if errors is not None:
+            bar["error_y"] = errors
+        data.append(bar)
+    return _figure(data, _layout(
+        title=_title(title) if title else _title("BI of each layer and its two sublayers",
+                                                 "low = redundant; error bars: bootstrap interval"),
+        uirevision=_revision("sublayer-bars", n, report.bi, report.attn_bi, report.mlp_bi),
+        xaxis=dict(title=_title("Decoder layer index (0-based)"), tickmode="linear", tick0=0,
+                   dtick=1 if n <= 24 else _tick_step(n), range=[-0.6, n - 0.4]),
+        yaxis=dict(title=_title("Block Influence = 1 − cosine (unitless)")), barmode="group", bargap=0.2,
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+    ))
+
+
+def rank_stability_bar(report: Any, k: int | None = None, title: str | None = None) -> go.Figure:
+    """Per layer, how often (over bootstrap resamples of the calibration samples) it is among the ``k`` lowest
+    BI (default: the report's ``rank_k``). 100 % or 0 %: a stable call; in between: the data decides."""
+    k = k or (report.meta.get("bootstrap") or {}).get("rank_k") or 1
+    values = report.stability(int(k))
+    if values is None:
+        raise ValueError("this report has no bootstrap rank frequencies (analyze with bootstrap > 0)")
+    n = report.num_layers
+    bar = dict(type="bar", x=list(range(n)), y=[100.0 * v for v in values], name="rank stability",
+               marker=dict(color=["#2ca02c" if v >= 0.95 or v <= 0.05 else "#f0ad4e" for v in values]),
+               hovertemplate=f"<b>layer %{{x}}</b><br>among the {k} lowest BI in %{{y:.0f}} % of resamples"
+                             "<extra></extra>")
+    resamples = (report.meta.get("bootstrap") or {}).get("resamples")
+    return _figure([bar], _layout(
+        title=_title(title) if title else _title(f"How often each layer is among the {k} lowest BI",
+                                                 f"{resamples} bootstrap resamples of the calibration samples"),
+        uirevision=_revision("stability", n, k, values),
+        xaxis=dict(title=_title("Decoder layer index (0-based)"), tickmode="linear", tick0=0,
+                   dtick=1 if n <= 24 else _tick_step(n), range=[-0.6, n - 0.4]),
+        yaxis=dict(title=_title("Resamples (%)"), range=[0, 105]), showlegend=False,
     ))
 
 
@@ -245,6 +345,8 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
     ``a–b → 1`` (arrows inside narrow cells were unreadable and left the group boundaries invisible).
     """
     rows = sorted((dict(r) for r in summary), key=lambda r: int(r["layer"]))
+    if any("attn" in r or "mlp" in r for r in rows):
+        return _sublayer_strip(rows, title)
     bars = []
     for status in ("kept", "removed", "merged"):
         part = [r for r in rows if r.get("status") == status]
@@ -297,8 +399,49 @@ def layer_strip(summary: Any, title: str | None = None) -> go.Figure:
     return _figure(bars, layout)
 
 
+def _sublayer_strip(rows: list[dict[str, Any]], title: str | None) -> go.Figure:
+    """The layer strip with two more rows: each layer's attention and MLP sublayer (kept / dropped, or
+    removed / merged with the layer). Rows from the top: whole layer, attention, MLP."""
+    n = len(rows)
+    bars = []
+    for key, base, label in (("status", 2, "layer"), ("attn", 1, "attention"), ("mlp", 0, "MLP")):
+        for status in ("kept", "removed", "merged", "dropped"):
+            part = [r for r in rows if r.get(key, r["status"]) == status]
+            if not part:
+                continue
+            legend = key == "status" or status == "dropped"
+            bars.append(dict(
+                type="bar", x=[int(r["layer"]) for r in part], y=[0.92] * len(part), base=[base + 0.04] * len(part),
+                name=f"{label} {status} ({len(part)})" if key != "status" else f"{status} ({len(part)})",
+                showlegend=legend, legendgroup=status,
+                marker=dict(color=STATUS_COLORS[status], line=dict(color="white", width=1)),
+                text=[str(r["layer"]) for r in part] if key == "status" else None,
+                textposition="inside", insidetextanchor="middle", textangle=0, textfont=dict(color="white", size=12),
+                hovertext=[f"layer {r['layer']} {label}: {status}" for r in part],
+                hovertemplate="%{hovertext}<extra></extra>", width=0.95,
+            ))
+    removed = sum(r["status"] == "removed" for r in rows)
+    merged = [r for r in rows if r["status"] == "merged"]
+    gone = removed + len(merged) - len({r.get("into") for r in merged})
+    attn = sum(r.get("attn") == "dropped" for r in rows)
+    mlp = sum(r.get("mlp") == "dropped" for r in rows)
+    parts = ([f"{removed} removed"] if removed else []) + ([f"{len(merged)} merged"] if merged else [])
+    parts += [f"{attn} attention, {mlp} MLP sublayers dropped"]
+    layout = _layout(
+        title=_title(title) if title else _title(f"Layer plan: {n - gone} of {n} layers remain", ", ".join(parts)),
+        uirevision=_revision("strip-sub", n),
+        xaxis=dict(title=_title("Decoder layer index (0-based)"), tickmode="linear", tick0=0, dtick=_tick_step(n),
+                   range=[-0.6, max(n, 1) - 0.4], showgrid=False),
+        yaxis=dict(range=[0, 3], fixedrange=True, tickmode="array", tickvals=[0.5, 1.5, 2.5],
+                   ticktext=["MLP", "attention", "layer"], showgrid=False),
+        barmode="overlay", height=320, legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        margin=dict(l=80, r=30, t=90, b=50), uniformtext=dict(minsize=8, mode="hide"),
+    )
+    return _figure(bars, layout)
+
+
 __all__ = [
-    "STATUS_COLORS", "strategy_color", "bar_values", "bi_bar",
-    "similarity_heatmap", "layer_strip",
+    "STATUS_COLORS", "SUBLAYER_METRICS", "strategy_color", "bar_values", "bi_bar", "error_bounds",
+    "rank_stability_bar", "similarity_heatmap", "layer_strip", "sublayer_bars",
 ]
 

@@ -16,7 +16,12 @@ from .plots import _figure, _layout, _revision, _title, strategy_color
 METRIC_LABELS = {
     "perplexity": "Perplexity (lower is better, log scale)",
     "mmlu_accuracy": "MMLU accuracy (%)",
+    "kl": "KL(original ‖ pruned), nats per token",
+    "top1_agreement": "Top-1 agreement with the original (%)",
 }
+PERCENT_METRICS = ("mmlu_accuracy", "top1_agreement")
+_HEADS = {"perplexity": "Perplexity", "mmlu_accuracy": "MMLU accuracy", "kl": "KL to the original",
+          "top1_agreement": "Top-1 agreement with the original"}
 
 MMLU_CHANCE = 25.0  # % accuracy of guessing among four answers
 
@@ -69,8 +74,9 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
 
     ``frame``: a pandas DataFrame (or records) with columns ``strategy``, ``actual_ratio`` (fraction of
     layers removed, 0..1; frames without it are drawn against ``ratio``), ``n_removed``, ``removed_layers``
-    and the ``metric`` column (``perplexity`` or ``mmlu_accuracy``, the latter a fraction 0..1 shown in %).
-    Perplexity uses a log y axis. A frame with a ``healed`` column (a sweep that healed every point) gets a
+    and the ``metric`` column (``perplexity``, ``mmlu_accuracy``, ``kl`` or ``top1_agreement``; accuracy and
+    agreement are fractions 0..1 shown in %). Perplexity uses a log y axis; KL (0 for the unpruned model, smooth
+    where MMLU sits at chance) a linear one. A frame with a ``healed`` column (a sweep that healed every point) gets a
     second curve per strategy for its healed rows, dashed in the strategy's colour ("bi (healed)"): the
     pruned and healed points of one ratio are never joined into one zigzag line.
 
@@ -84,15 +90,17 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
     if metric not in METRIC_LABELS:
         raise ValueError(f"metric must be one of {', '.join(METRIC_LABELS)}, got {metric!r}")
     df = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(list(frame))
-    scale = 100.0 if metric == "mmlu_accuracy" else 1.0
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
     traces: list[dict[str, Any]] = []
     has_healed = bool(len(df)) and bool(healed_rows(df).any())
-    head = f"{ {'perplexity': 'Perplexity', 'mmlu_accuracy': 'MMLU accuracy'}[metric]} vs. pruning ratio"
+    head = f"{_HEADS[metric]} vs. pruning ratio"
     layout = _layout(
         title=_title(title) if title else _title(head, "dashed: after healing" if has_healed else None),
-        xaxis=dict(title=_title("Pruning ratio (% of decoder layers removed)"), ticksuffix="%", rangemode="tozero"),
+        xaxis=dict(title=_title("Pruning ratio (% of layers removed; a sublayer counts ½)"), ticksuffix="%",
+                   rangemode="tozero"),
         yaxis=dict(title=_title(METRIC_LABELS[metric])) | (
-            dict(type="log") if metric == "perplexity" else dict(ticksuffix="%")),
+            dict(type="log") if metric == "perplexity" else dict(ticksuffix="%") if metric in PERCENT_METRICS
+            else dict(rangemode="tozero")),
         legend=dict(title=_title("Strategy")), hovermode="closest",
     )
     if len(df) and metric in df.columns:
@@ -141,7 +149,8 @@ def sweep_figure(frame: Any, metric: str = "perplexity", current: Any = None,
 
 
 def _short(metric: str) -> str:
-    return {"perplexity": "perplexity", "mmlu_accuracy": "MMLU accuracy"}.get(metric, metric)
+    return {"perplexity": "perplexity", "mmlu_accuracy": "MMLU accuracy", "kl": "KL",
+            "top1_agreement": "top-1 agreement"}.get(metric, metric)
 
 
 def _layers_text(value: Any) -> str:
@@ -206,4 +215,4 @@ def heal_curve(curve: Sequence[Sequence[float]], evals: Sequence[Sequence[float]
     return _figure(traces, layout)
 
 
-__all__ = ["MMLU_CHANCE", "METRIC_LABELS", "heal_curve", "healed_rows", "sweep_figure"]
+__all__ = ["MMLU_CHANCE", "METRIC_LABELS", "PERCENT_METRICS", "heal_curve", "healed_rows", "sweep_figure"]

@@ -27,15 +27,24 @@ Ops = tuple[Any, ...]
 
 
 def plan_ops(plan: Any) -> Ops:
-    """What the plan does to each original layer: 0 keep, 1 drop, ``(2, size, formula)`` a merged base.
+    """What the plan does to each original layer: 0 keep, 1 drop, ``(2, size, formula)`` a merged base,
+    ``(3, attention dropped, MLP dropped)`` a kept layer that loses a sublayer.
 
     The residual state at the input of original layer ``o`` depends only on ``ops[:o]`` (exactly: on
     :func:`state_key`).
     """
     bases = {g[0]: g for g in plan.merge}
     gone = set(plan.removed_layers)
-    return tuple((2, len(bases[i]), plan.merge_formula) if i in bases else (1 if i in gone else 0)
-                 for i in range(plan.num_layers))
+    attn, mlp = set(getattr(plan, "drop_attn", ())), set(getattr(plan, "drop_mlp", ()))
+
+    def op(i: int) -> Any:
+        if i in bases:
+            return (2, len(bases[i]), plan.merge_formula)
+        if i in attn or i in mlp:
+            return (3, int(i in attn), int(i in mlp))
+        return 1 if i in gone else 0
+
+    return tuple(op(i) for i in range(plan.num_layers))
 
 
 def state_key(ops: Ops, o: int) -> tuple:
@@ -171,6 +180,8 @@ def state_bytes(task: Any, hidden: int, elem: int) -> int:
 
 
 def first_affected_layer(plan: Any) -> int:
-    """The lowest original layer index the plan removes or changes (``num_layers`` for no change)."""
+    """The lowest original layer index the plan removes or changes, a dropped sublayer included
+    (``num_layers`` for no change)."""
     idx = list(plan.removed_layers) + [g[0] for g in plan.merge]
+    idx += list(getattr(plan, "drop_attn", ())) + list(getattr(plan, "drop_mlp", ()))
     return min(idx) if idx else plan.num_layers

@@ -23,6 +23,17 @@ Merges: the merged layer sits at its group's base (lowest index). Its attention 
 (weights and biases of the adapter's ``mergeable_parts``, norm modules inside them excepted) come from the
 plan's ``merge_formula`` over the group's ORIGINAL weights; its norms are the base's.
 
+Sublayers (``plan.drop_attn`` / ``plan.drop_mlp``): in the pruned model the layer's attention module is
+replaced by :class:`SkippedAttention` and its MLP by :class:`SkippedMLP` (OPT's ``fc1``/``fc2`` pair: an
+identity and a zero), which return a zero-stride zero tensor of the input's shape without any compute; the
+norms that only feed or follow that sublayer (the adapter's ``attn_norms``/``mlp_norms``) become
+identities. So the layer adds nothing for that sublayer and costs an add. KV cache: the pruned config gets
+``kv_sharing_modes`` with ``"reuse"`` for every layer whose attention is dropped, so transformers'
+``DynamicCache(config=...)`` builds a ``DummyLayer`` there (no keys/values, skipped when the cache counts
+positions); ``generate`` with cache equals generate without. ``kv_sharing_modes`` exists only on the
+in-memory pruned model: :func:`layerlens.export.save_pruned` writes dropped sublayers as zeroed output
+projections instead (see there).
+
 Why one module over ~400 lines: removal, merging, config patching and the restoring context manager
 all rely on the same clone/rebind rules; apart they would drift.
 """
@@ -139,6 +150,174 @@ def renumber(layer: nn.Module, index: int) -> None:
         value = m.__dict__.get("layer_idx")
         if isinstance(value, int) and not isinstance(value, bool):
             m.layer_idx = index
+
+
+# -- sublayers ---------------------------------------------------------------------------------------------
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor):
+        raise RuntimeError("a skipped sublayer was called without its hidden states")
+    return hidden
+
+
+def _zeros_like(hidden: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``hidden``'s shape without allocating them: one element expanded (stride 0)."""
+    return hidden.new_zeros(()).expand_as(hidden)
+
+
+class _Skipped(nn.Module):
+    """Base of the stand-ins for dropped parts: ``original`` (not a registered child, so no parameters, no
+    state dict entry) is the module it stands for, used by :func:`exportable` to write zeroed weights."""
+
+    def __init__(self, original: nn.Module | None = None):
+        super().__init__()
+        self.__dict__["original"] = original
+
+
+class SkippedAttention(_Skipped):
+    """A dropped attention sublayer: returns ``(zeros, None)`` like an attention module, computes nothing
+    and never touches the KV cache."""
+
+    def __init__(self, original: nn.Module | None = None, layer_idx: int | None = None):
+        super().__init__(original)
+        self.layer_idx = layer_idx
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return _zeros_like(_hidden_arg(args, kwargs)), None
+
+
+class SkippedMLP(_Skipped):
+    """A dropped MLP sublayer (or the last module of one): zeros of the input's shape, no compute."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _zeros_like(_hidden_arg(args, kwargs))
+
+
+class SkippedNorm(_Skipped):
+    """A norm (or OPT's ``fc1``) that only fed or followed a dropped sublayer: passes its input through."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _hidden_arg(args, kwargs)
+
+
+def _sublayer_swaps(layer: nn.Module, adapter: ArchAdapter, attn: bool, mlp: bool) -> list[tuple[str, nn.Module]]:
+    """``(path inside the layer, new module)`` pairs that drop the layer's attention and/or MLP."""
+    def part(path: str) -> nn.Module:
+        try:
+            return get_attr(layer, path)  # type: ignore[return-value]
+        except AttributeError as exc:
+            raise PlanError(f"Layers of type '{type(layer).__name__}' have no '{path}' sub-module, so their "
+                            "sublayers cannot be dropped; remove whole layers instead.") from exc
+
+    swaps: list[tuple[str, nn.Module]] = []
+    if attn:
+        original = part(adapter.attention)
+        swaps.append((adapter.attention, SkippedAttention(original, getattr(original, "layer_idx", None))))
+        swaps += [(p, SkippedNorm(part(p))) for p in adapter.attn_norms]
+    if mlp:
+        paths = adapter.mlp.split(",")
+        swaps += [(p, SkippedNorm(part(p))) for p in paths[:-1]] + [(paths[-1], SkippedMLP(part(paths[-1])))]
+        swaps += [(p, SkippedNorm(part(p))) for p in adapter.mlp_norms]
+    return [(p, m) for p, m in swaps if not isinstance(part(p), _Skipped)]  # already dropped: keep as is
+
+
+def dropped_sublayers(model: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(drop_attn, drop_mlp)`` of an in-memory model, as indices of ITS layers (what surgery skipped)."""
+    adapter = adapter_for(model)
+    attn, mlp = [], []
+    for j, layer in enumerate(decoder_layers(model)):
+        if isinstance(get_attr(layer, adapter.attention), SkippedAttention):
+            attn.append(j)
+        if isinstance(get_attr(layer, adapter.mlp.split(",")[-1]), SkippedMLP):
+            mlp.append(j)
+    return tuple(attn), tuple(mlp)
+
+
+def _zeroed_clone(module: nn.Module, path: str | None) -> nn.Module:
+    """A shallow clone of ``module`` whose sub-module at ``path`` ("" for itself) has all-zero parameters."""
+    clone = shallow_clone(module)
+    target = clone if not path else clone.get_submodule(path)
+    for name, p in list(target._parameters.items()):
+        if p is not None:
+            target._parameters[name] = nn.Parameter(torch.zeros_like(p), requires_grad=p.requires_grad)
+    return clone
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """A model plain ``transformers`` saves and reloads with the SAME outputs as ``model``, whose dropped
+    sublayers are skipped: every stand-in goes back to the module it replaced, with the sublayer's output
+    projection (the adapter's ``attn_out``/``mlp_out``: weight AND bias) set to zeros, and the config loses
+    its in-memory ``kv_sharing_modes``. A zero output projection makes the sublayer add exactly zero, so the
+    logits are identical (not just close); the attention and MLP still run (and the attention still fills
+    a KV cache) in a plain reload -- LayerLens reloads such a folder with the sublayers really skipped (see
+    :func:`layerlens.export.skip_recorded_sublayers`). ``model`` itself is returned when nothing was dropped.
+    """
+    attn, mlp = dropped_sublayers(model)
+    if not attn and not mlp:
+        return model
+    adapter = adapter_for(model)
+    new = shallow_clone(model)
+    layers = decoder_layers(new)
+    for j in sorted(set(attn) | set(mlp)):
+        layer = layers[j]
+        for path in (adapter.attention, *adapter.attn_norms, *adapter.mlp.split(","), *adapter.mlp_norms):
+            stand_in = get_attr(layer, path)
+            if not isinstance(stand_in, _Skipped):
+                continue
+            original = stand_in.original
+            out = None
+            if isinstance(stand_in, SkippedAttention):
+                out = adapter.attn_out
+            elif isinstance(stand_in, SkippedMLP):
+                out = adapter.mlp_out
+            if out is None and not isinstance(stand_in, SkippedNorm):
+                raise PlanError(f"Model type '{model.config.model_type}' has no known output projection to zero, "
+                                "so a model with dropped sublayers cannot be saved for plain transformers.")
+            if out is not None:
+                sub = out[len(path) + 1:] if out.startswith(path + ".") else ("" if out == path else None)
+                if sub is None:
+                    raise PlanError(f"The output projection '{out}' is not inside '{path}'.")
+                original = _zeroed_clone(original, sub)
+            else:
+                original = shallow_clone(original)
+            set_attr(layer, path, original)
+        renumber(layer, j)
+    copies: dict[int, Any] = {}
+    for m in new.modules():
+        c = m.__dict__.get("config")
+        if c is not None and "kv_sharing_modes" in vars(c):
+            if id(c) not in copies:
+                copies[id(c)] = copy.deepcopy(c)
+                vars(copies[id(c)]).pop("kv_sharing_modes", None)
+            m.__dict__["config"] = copies[id(c)]
+    return new
+
+
+def kv_sharing_modes(plan: PrunePlan, existing: Any = None) -> list[str | None]:
+    """Per layer of the pruned model: ``"reuse"`` (no KV cache of its own) where the attention is dropped;
+    ``existing`` (the model's own list, from an earlier sublayer pruning) is kept for the other layers."""
+    dropped = set(plan.drop_attn)
+    before = list(existing) if existing is not None else [None] * plan.num_layers
+    return ["reuse" if old in dropped else before[old] for old in plan.kept_layers]
+
+
+def _check_sublayer_config(configs: list[Any], plan: PrunePlan) -> None:
+    for c in configs:
+        modes = vars(c).get("kv_sharing_modes")
+        if plan.drop_attn and (modes is None and getattr(c, "kv_sharing_modes", None) is not None
+                               or modes is not None and (len(modes) != plan.num_layers
+                                                         or any(m not in (None, "reuse") for m in modes))):
+            raise PlanError("This model already shares KV caches between layers (kv_sharing_modes); LayerLens "
+                            "cannot drop its attention sublayers. Remove whole layers instead.")
+
+
+def _layer_count_configs(configs: list[Any], adapter: ArchAdapter) -> list[Any]:
+    out = []
+    for c in configs:
+        with contextlib.suppress(PlanError):
+            _layer_count_field(c, adapter)
+            out.append(c)
+    return out
 
 
 # -- merging -----------------------------------------------------------------------------------------------
@@ -366,9 +545,16 @@ def apply_plan(
             mod = merged_layer(model, bases[old], plan.merge_formula)
         else:
             mod = cloned[old]  # type: ignore[index]
+        if old in plan.drop_attn or old in plan.drop_mlp:
+            for path, part in _sublayer_swaps(mod, adapter, old in plan.drop_attn, old in plan.drop_mlp):
+                set_attr(mod, path, part)
         renumber(mod, j)
         items.append(mod)
     set_attr(new_model, adapter.layers, nn.ModuleList(items))
+    if plan.drop_attn:
+        _check_sublayer_config(old_configs, plan)
+        for c in _layer_count_configs(old_configs, adapter):
+            new_configs[id(c)].kv_sharing_modes = kv_sharing_modes(plan, vars(c).get("kv_sharing_modes"))
     for m in new_model.modules():
         c = m.__dict__.get("config")
         if c is not None and id(c) in new_configs:
@@ -417,17 +603,37 @@ def pruned(model: nn.Module, plan: PrunePlan) -> Iterator[nn.Module]:
     saved_cfg = [(c, {k: getattr(c, k) for k in changes if hasattr(c, k)}) for c in _configs_of(model)]
     has_map = "hf_device_map" in model.__dict__
     saved_map = model.__dict__.get("hf_device_map")
+    swaps = [(layers[old], path, part) for old in plan.kept_layers
+             if old in plan.drop_attn or old in plan.drop_mlp
+             for path, part in _sublayer_swaps(layers[old], adapter, old in plan.drop_attn, old in plan.drop_mlp)]
+    saved_parts = [(layer, path, get_attr(layer, path)) for layer, path, _ in swaps]
+    kv_configs = []
+    if plan.drop_attn:
+        _check_sublayer_config(_configs_of(model), plan)
+        kv_configs = [(c, "kv_sharing_modes" in vars(c), vars(c).get("kv_sharing_modes"))
+                      for c in _layer_count_configs(_configs_of(model), adapter)]
     try:
+        for layer, path, part in swaps:
+            set_attr(layer, path, part)
         set_attr(model, adapter.layers, new_list)
         for j, mod in enumerate(new_list):
             renumber(mod, j)
         for c, old in saved_cfg:
             for k in old:
                 setattr(c, k, changes[k])
+        for c, _, value in kv_configs:  # after the reindexing above, which would overwrite it
+            c.kv_sharing_modes = kv_sharing_modes(plan, value)
         if has_map:
             _set_device_map(model, pruned_device_map(saved_map, adapter.layers, plan))
         yield model
     finally:
+        for layer, path, part in reversed(saved_parts):
+            set_attr(layer, path, part)
+        for c, had, value in kv_configs:
+            if had:
+                c.kv_sharing_modes = value
+            else:
+                vars(c).pop("kv_sharing_modes", None)
         set_attr(model, adapter.layers, layers)
         for m, idx in saved_idx:
             m.layer_idx = idx

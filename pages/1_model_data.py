@@ -155,6 +155,9 @@ if report is not None and info is not None:
     st.caption(f"Model `{info['model']}` ({info['source_path']}) · hidden size {info['hidden_size']} · "
                f"max positions {info['max_positions']}")
     st.caption("Analysis: " + widgets.report_caption(report) + f" · {report.meta.get('seconds', '?')} s")
+    if report.meta.get("execution") == "layerwise":
+        st.info("This model is larger than the memory here, so it was analysed **layer by layer**: one decoder "
+                "layer's weights in memory at a time, the same numbers as in memory.", icon=":material/layers:")
 
     st.subheader("First look")
     f1, f2 = st.columns([1, 1])

@@ -12,10 +12,11 @@ from dataclasses import replace
 import streamlit as st
 
 from layerlens import humanize
+from layerlens.adapters import sublayer_params
 from layerlens.compare import QUICK_WINDOWS
 from layerlens.dashboard.planning import PLAN_MODE_LABELS, PLAN_MODES, build_plan, params_after
 from layerlens.plans import FORMULA_NOTES, MERGE_FORMULAS, label_of, plan_summary, strategy_names
-from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
+from layerlens.plots import bi_bar, layer_strip, similarity_heatmap, sublayer_bars
 from pages._ui import errors, jobs, keys, resources, session, widgets
 
 report = jobs.report_page(__file__, "Prune")
@@ -35,6 +36,17 @@ def _on_bar_select() -> None:
 
 def _clear_picks() -> None:
     ss["pr_layers"] = []
+    ss["pr_drop_attn"] = []
+    ss["pr_drop_mlp"] = []
+
+
+def _on_sublayer_select() -> None:
+    """Box/lasso selection on the sublayer chart ADDS to the picks of the row it hits (layer, attention, MLP)."""
+    points = ((ss.get("pr_sub_bar") or {}).get("selection") or {}).get("points") or []
+    for key, curve in (("pr_layers", 0), ("pr_drop_attn", 1), ("pr_drop_mlp", 2)):
+        picked = {int(p["x"]) for p in points if p.get("curve_number") == curve and "x" in p}
+        if picked:
+            ss[key] = sorted(set(map(int, ss.get(key, []))) | picked)
 
 
 # ---- how to choose ----------------------------------------------------------------------------------------
@@ -58,13 +70,25 @@ with st.container(border=True):
     elif mode == "manual":
         if "pr_layers" not in ss:
             ss["pr_layers"] = [i for i in ps.layers if 0 <= i < L]
-        st.caption("Box- or lasso-select bars on the chart below to **add** layers, or pick them in the list.")
+        st.caption("Box- or lasso-select bars on the charts below to **add** layers (or, on the sublayer chart, "
+                   "attention and MLP sublayers), or pick them in the lists.")
         p1, p2 = st.columns([6, 1], vertical_alignment="bottom")
         layers = p1.multiselect("Layers to remove (0-based)", list(range(L)), key="pr_layers",
                                 persist_state="session")
-        p2.button("Clear picks", key="pr_clear", on_click=_clear_picks, disabled=not layers,
+        p2.button("Clear picks", key="pr_clear", on_click=_clear_picks,
+                  disabled=not (layers or ss.get("pr_drop_attn") or ss.get("pr_drop_mlp")),
                   icon=":material/backspace:", help="Remove every hand-picked layer from the list")
-        new_ps = replace(ps, mode="manual", layers=tuple(sorted(layers)))
+        s1, s2 = st.columns(2)
+        for key, picks in (("pr_drop_attn", ps.drop_attn), ("pr_drop_mlp", ps.drop_mlp)):
+            if key not in ss:
+                ss[key] = [i for i in picks if 0 <= i < L]
+        drop_attn = s1.multiselect("Attention sublayers to drop (layer stays)", list(range(L)), key="pr_drop_attn",
+                                   persist_state="session",
+                                   help="The layer keeps its MLP; its attention adds nothing and keeps no KV cache")
+        drop_mlp = s2.multiselect("MLP sublayers to drop (layer stays)", list(range(L)), key="pr_drop_mlp",
+                                  persist_state="session", help="The layer keeps its attention; its MLP adds nothing")
+        new_ps = replace(ps, mode="manual", layers=tuple(sorted(layers)), drop_attn=tuple(sorted(drop_attn)),
+                         drop_mlp=tuple(sorted(drop_mlp)))
     else:
         c1, c2, c3 = st.columns([1, 1, 2])
         criterion = c1.radio("Similarity", ["cka", "cosine"], format_func={"cka": "CKA", "cosine": "Cosine"}.get,
@@ -107,16 +131,23 @@ ss[keys.SS_PLAN_ERROR] = plan is None
 
 if count_note is not None:
     verb = "merged away" if mode == "slm" else "removed"
-    count_note.caption(f"{asked} → {plan.n_removed} of {L} layers {verb} = {humanize.percent(plan.ratio)}"
-                       if plan is not None else f"{asked} → no valid plan")
+    if plan is not None and plan.has_sublayers:
+        count_note.caption(f"{asked} → {plan.n_sublayers_dropped} of {2 * L} sublayers dropped = "
+                           f"{humanize.percent(plan.ratio)}")
+    else:
+        count_note.caption(f"{asked} → {plan.n_removed} of {L} layers {verb} = {humanize.percent(plan.ratio)}"
+                           if plan is not None else f"{asked} → no valid plan")
 
 m1, m2, m3, m4 = st.columns(4)
 if plan is not None:
     total = shared.info.num_parameters
-    after = params_after(total, shared.per_layer_params, plan)
+    after = params_after(total, shared.per_layer_params, plan,
+                         sublayer_params(shared.model) if plan.has_sublayers else None)
     m1.metric("Layers", f"{plan.num_layers_after} / {L}", delta=f"-{plan.n_removed}" if plan.n_removed else "0",
               delta_color="off")
-    m2.metric("Pruning ratio", humanize.percent(plan.ratio), help="Layers removed / layers of the model (whole layers)")
+    m2.metric("Pruning ratio", humanize.percent(plan.ratio),
+              help="Layers removed / layers of the model (whole layers); with dropped sublayers, the fraction of "
+                   "the 2L attention and MLP sublayers that go (a whole layer counts two)")
     m3.metric("Parameters", humanize.params(after),
               delta=f"-{humanize.percent((total - after) / total)}" if after < total else "0",
               delta_color="off", help=f"{total:,} → {after:,}")
@@ -135,6 +166,14 @@ else:
     metric = "magnitude" if mode == "strategy" and new_ps.strategy == "magnitude" else "bi"
     marked = plan.removed_layers if plan is not None else new_ps.layers if mode == "manual" else ()
     bars = bi_bar(report, metric, highlight=marked)
+    if report.has_sublayers and (mode == "manual"
+                                 or (mode == "strategy" and new_ps.strategy in ("attn_bi", "mlp_bi"))):
+        sub = sublayer_bars(report, highlight=plan_summary(plan) if plan is not None else None)
+        if mode == "manual":  # selecting bars picks layers (blue), attention (olive) or MLP (teal) sublayers
+            widgets.chart(sub.update_layout(dragmode="select"), key="pr_sub_bar", on_select=_on_sublayer_select,
+                          selection_mode=("box", "lasso"))
+        else:
+            widgets.chart(sub, key="pr_sub_bar")
     if mode == "manual":  # selecting bars picks layers
         widgets.chart(bars, key="pr_bar", on_select=_on_bar_select, selection_mode=("box", "lasso"))
     else:
@@ -148,12 +187,12 @@ with st.container(border=True):
     model_key = session.current_settings().model_key()
     resources.prewarm_original(shared, model_key, prompt)  # the first Apply then measures the pruned model only
     apply = st.button("Apply plan", type="primary", icon=":material/content_cut:", key="pr_apply",
-                      disabled=plan is None or plan.n_removed == 0,
+                      disabled=plan is None or not plan.changes_model,
                       help="Builds the pruned model (a new object; the cached original is untouched) and "
                            f"measures perplexity on {QUICK_WINDOWS} held-out windows and generation speed.")
     if plan is None:
         st.caption("Fix the selection above to apply a plan.")
-    elif plan.n_removed == 0:
+    elif not plan.changes_model:
         st.caption("The plan removes no layer yet: move a slider or pick layers.")
     if apply and plan is not None:
         with errors.guarded("applying the plan"), resources.quick_progress("Pruning and measuring") as progress:

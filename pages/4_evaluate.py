@@ -1,4 +1,5 @@
-"""Evaluate: perplexity and MMLU against pruning ratio, one curve per strategy (ShortGPT Figure 5 style).
+"""Evaluate: perplexity, MMLU and KL to the original (with top-1 agreement) against pruning ratio, one curve
+per strategy (ShortGPT Figure 5 style); optional lm-eval tasks add their metric columns to the table.
 
 Every finished point is persisted by ``layerlens.sweep`` (runs/sweep/points); a stopped sweep resumes where
 it stopped, and the last sweep of these settings reappears after a restart.
@@ -12,6 +13,7 @@ from layerlens.dashboard import store
 from layerlens.dashboard.sweeps import RATIO_CHOICES, SweepSettings, rough_seconds, unique_plans
 from layerlens.dashboard.tables import current_marker
 from layerlens.defaults import MMLU_SUBJECTS
+from layerlens.harness import parse_tasks
 from layerlens.plans import label_of
 from layerlens.plots_curves import sweep_figure
 from pages._ui import errors, jobs, keys, session, sweeping, widgets
@@ -50,8 +52,17 @@ with st.container(border=True):
                              help="LoRA with distillation from the original (the Heal page's defaults) for this "
                                   "many seconds per pruned point, then the same evaluations: a dashed healed curve "
                                   "beside each strategy's. Healed points are saved and read back like the others.")
+    sweeping.run_on_widget()  # this process / local Ray / a Ray cluster (layerlens.distributed)
+    tasks = st.text_input("lm-eval tasks (optional)", start.tasks, key="ev_tasks", persist_state="session",
+                          placeholder="e.g. hellaswag,arc_easy or /path/to/my_task.yaml",
+                          help="lm-evaluation-harness tasks run by the harness itself on every pruned model (its metric "
+                               "names, with standard errors): comma-separated task names whose data the harness "
+                               "finds offline (your datasets cache) or local task YAML files. The sweep's reuse of "
+                               "shared layers cannot apply inside the harness, so each point costs a full run of "
+                               "every task.")
     sweep = SweepSettings(tuple(strategies), tuple(sorted(ratios)), int(windows), int(seq_len), bool(use_mmlu),
-                          int(per_subject), tuple(subjects), bool(include_current), float(heal_s))
+                          int(per_subject), tuple(subjects), bool(include_current), float(heal_s),
+                          tasks=",".join(parse_tasks(tasks)))
     session.set_sweep_settings(sweep)  # the URL carries them: a link copied now opens these settings
     plan = session.current_plan(report)
     current = plan if include_current else None
@@ -81,7 +92,8 @@ stopped = ss.pop(keys.SS_SWEEP_STOPPED, False)
 settings = session.current_settings()
 sweep_key = store.sweep_key(settings, report, sweep.strategies, sweep.ratios, sweep.windows, sweep.seq_len,
                             (sweep.mmlu_per_subject, tuple(sorted(sweep.subjects))) if sweep.mmlu else 0,
-                            plan.to_json() if include_current and plan is not None else "", sweep.heal_seconds)
+                            plan.to_json() if include_current and plan is not None else "", sweep.heal_seconds,
+                            tasks=sweep.tasks)
 
 if run:
     if not strategies or not ratios:
@@ -128,6 +140,16 @@ with f2:
         st.info("No MMLU evaluation finished before the Stop (perplexity runs first).")
     else:
         st.info("MMLU was not part of this sweep.")
+if "kl" in frame and frame["kl"].notna().any():
+    g1, g2 = st.columns(2)
+    with g1:
+        widgets.chart(sweep_figure(curves, "kl", current=_current("kl")), key="ev_kl_fig")
+    with g2:
+        widgets.chart(sweep_figure(curves, "top1_agreement", current=_current("top1_agreement")), key="ev_top1_fig")
+    st.caption("KL(original ‖ pruned): mean over the held-out tokens of how far the pruned model's next-token "
+               "distribution is from the original's (0 = unchanged), computed in the perplexity pass; top-1 "
+               "agreement: how often both predict the same next token. Smooth where MMLU on a small model sits at "
+               "chance, and what healing by distillation optimises.")
 n_cached = int(frame["cached"].sum()) if "cached" in frame else 0
 head = (f"{len(frame)} points · **a stopped sweep**: only the finished evaluations are shown, Run sweep computes "
         "the rest" if frame.attrs.get("stopped") else f"{len(frame)} points ({n_cached} read back from earlier runs)")
@@ -135,5 +157,6 @@ st.caption(f"{head} · perplexity on held-out plays (lower is better) · MMLU ch
 show = frame.copy()
 show["ratio"] = (100 * show["ratio"]).round(1)
 columns = ["strategy", "ratio", "n_removed", "removed_layers", *(["healed"] if "healed" in show else []),
-           "perplexity", "mmlu_accuracy", "seconds", "cached"]
+           "perplexity", *[c for c in ("kl", "top1_agreement") if c in show], "mmlu_accuracy",
+           *[c for c in show.columns if "/" in c], "seconds", "cached"]  # "task/metric": lm-eval tasks
 st.dataframe(show[columns].rename(columns={"ratio": "ratio (%)"}), hide_index=True, width="stretch")

@@ -10,13 +10,14 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from layerlens import humanize
+from layerlens.adapters import sublayer_params
 from layerlens.dashboard.mmlu import mmlu_comparison
 from layerlens.dashboard.planning import params_after, plan_reason
 from layerlens.dashboard.share import to_query
 from layerlens.plans import label_of, plan_summary
 from layerlens.plans.slm import merge_groups
 from layerlens.plots import bi_bar, layer_strip, similarity_heatmap
-from pages._ui import errors, healing, jobs, keys, resources, session, widgets
+from pages._ui import errors, healing, jobs, keys, resources, session, trust, widgets
 
 session.require_router(__file__)
 
@@ -41,7 +42,7 @@ quick = original = None
 model_key = session.current_settings().model_key()
 if pruned is not None and pruned["plan_json"] == plan.to_json():
     quick, original, prompt = pruned["quick"], pruned["original"], pruned["prompt"]
-elif plan.n_removed > 0:
+elif plan.changes_model:
     prompt = "The king said to his daughter,"
     with errors.guarded("measuring the pruned model"), st.spinner("Measuring perplexity and speed (a few seconds)…"):
         both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt)
@@ -55,7 +56,7 @@ def _frames() -> list:
 
 # ---- the verdict: is the result usable? -------------------------------------------------------------------
 verdict = widgets.verdict_of(quick, original)
-if plan.n_removed == 0:
+if not plan.changes_model:
     st.info("This plan removes no layer: the model is unchanged.", icon=":material/info:")
 else:
     widgets.show_verdict(verdict)
@@ -66,11 +67,19 @@ with st.container(border=True):
     how = "merged away" if plan.method == "merge" else "removed"
     st.markdown(f"**What was {how}:** {plan.n_removed} of {plan.num_layers} layers "
                 f"({humanize.percent(plan.ratio)}) — layers {removed} · strategy **{label_of(plan.strategy)}**")
+    if plan.has_sublayers:
+        st.markdown(f"**Sublayers dropped (the layers stay):** attention of layers "
+                    f"{', '.join(map(str, plan.drop_attn)) or 'none'}; MLP of layers "
+                    f"{', '.join(map(str, plan.drop_mlp)) or 'none'}")
     st.markdown(plan_reason(report, plan))
+    evidence = trust.best_predictor_line(report)  # leave-one-out damage measured on the Redundancy page
+    if evidence:
+        st.markdown(evidence)
 
 # ---- what it costs, what it saves -------------------------------------------------------------------------
 total = shared.info.num_parameters
-after = params_after(total, shared.per_layer_params, plan)
+after = params_after(total, shared.per_layer_params, plan,
+                     sublayer_params(shared.model) if plan.has_sublayers else None)
 cost, save = st.columns(2, border=True)
 with cost:
     st.markdown("**What it costs in quality**")

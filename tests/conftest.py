@@ -116,3 +116,22 @@ def toy_strategy():
                               lambda report, plan: "Toy rule.", params=(RATIO,)))
     yield entry
     unregister(entry.name)
+
+
+@pytest.fixture(scope="session")
+def letter_tokenizer(tmp_path_factory):
+    """A 512-token byte-level BPE (same vocab size as the tiny models) where " A".." D" are single tokens."""
+    from tiny_models import training_text
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = training_text().splitlines() + [f"Answer: {x}" for x in "ABCD"] * 2000
+    tok.train_from_iterator(lines, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<pad>")
+    return fast

@@ -2,6 +2,7 @@
 
     layerlens prune --model M (--remove 3,5,7 | --merge 4-6 [--merge 9-10] | --plan FILE
                                | --strategy S (--ratio R | --n N)
+                               | --drop-attn 3,5-7 [--drop-mlp 9] (alone or with --remove/--merge/--strategy)
                                | --strategy slm (--threshold T | --ratio R) [--criterion cosine|cka|output]
                                | --strategy laco --threshold T [--laco-m M] [--laco-interval I])
                     [--formula keep_top|task_vector|mean] [--report report.json] [data args] --out DIR
@@ -14,6 +15,7 @@ failure leaves nothing half-written. Indices are 0-based.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 from .. import surgery
 from ..cli import (
     add_data_args,
+    add_layerwise_args,
     add_model_args,
     add_runs_arg,
     analyze_from_args,
@@ -66,9 +69,13 @@ def check_plan_args(args: argparse.Namespace) -> None:
         )
         if v
     ]
-    if len(chosen) != 1:
+    drops = bool(getattr(args, "drop_attn", None) or getattr(args, "drop_mlp", None))
+    if drops and args.plan_file:
+        raise PlanError("--drop-attn/--drop-mlp cannot be combined with --plan; put drop_attn/drop_mlp in the "
+                        "plan file instead.")
+    if len(chosen) != 1 and not (drops and not chosen):
         raise PlanError(
-            "Choose exactly one of --remove, --merge, --plan or --strategy "
+            "Choose exactly one of --remove, --merge, --plan or --strategy (or only --drop-attn/--drop-mlp) "
             f"(got {', '.join(chosen) or 'none'})."
         )
     if args.ratio is not None and not RATIO.in_range(args.ratio):
@@ -141,7 +148,18 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, d
     report's own settings when the plan came from a report, the data args when forward passes probed the
     model, and None when no data was used (explicit layers, a plan file, reverse/sequential/random).
     """
+    plan, report, data = _build_plan(args, loaded)
+    subs = {k: parse_layers(getattr(args, k, None) or "", plan.num_layers) for k in ("drop_attn", "drop_mlp")}
+    if any(subs.values()):
+        plan = dataclasses.replace(plan, drop_attn=tuple(sorted(set(plan.drop_attn) | set(subs["drop_attn"]))),
+                                   drop_mlp=tuple(sorted(set(plan.drop_mlp) | set(subs["drop_mlp"]))))
+    return plan, report, data
+
+
+def _build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, dict[str, Any] | None]:
     L = loaded.info.num_layers
+    if not (args.plan_file or args.remove or args.merge or args.strategy):  # only --drop-attn/--drop-mlp
+        return make_plan("manual", None, layers=(), num_layers=L), None, None
     if args.plan_file:
         plan = PrunePlan.read(args.plan_file, num_layers=L)
         return plan, None, None
@@ -154,9 +172,13 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, d
     options = _strategy_options(args)
     entry = get_strategy(s)
     if entry.uses_data(options.get("criterion")):  # forward passes on the calibration data
+        if getattr(loaded, "layerwise", False):
+            raise PlanError(f"Strategy '{s}' probes the model with forward passes, which needs it in memory; "
+                            "in layer-wise mode use a report-based strategy (or raise `max_memory`).")
         tokens, data = _calibration(args, loaded)
+        size = {"ratio": args.ratio, "n": args.n} if entry.size == "count" else {}  # e.g. the greedy oracle
         plan = make_plan(s, None, threshold=args.threshold, model=loaded.model, tokenizer=loaded.tokenizer,
-                         token_lists=tokens, batch_size=args.batch_size, progress=cli_progress(s), **options)
+                         token_lists=tokens, batch_size=args.batch_size, progress=cli_progress(s), **size, **options)
         return plan, None, data
     report = _load_report(args, loaded) if entry.uses_report(options.get("criterion")) else None
     plan = make_plan(s, report, ratio=args.ratio, n=args.n, threshold=args.threshold, seed=args.seed,
@@ -167,8 +189,13 @@ def build_plan(args: argparse.Namespace, loaded: Any) -> tuple[PrunePlan, Any, d
 def format_plan(plan: PrunePlan) -> str:
     lines = [plan.describe()]
     marks = {"kept": ".", "removed": "x", "merged": "m"}
-    strip = "".join(marks[r["status"]] for r in plan_summary(plan))
+    rows = plan_summary(plan)
+    strip = "".join(marks[r["status"]] for r in rows)
     lines.append(f"layers 0..{plan.num_layers - 1}: {strip}   (. kept, x removed, m merged)")
+    if plan.has_sublayers:
+        for kind in ("attn", "mlp"):
+            sub = "".join("-" if r[kind] == "dropped" else marks[r[kind]] for r in rows)
+            lines.append(f"{kind:>4} 0..{plan.num_layers - 1}: {sub}   (- sublayer dropped)")
     if plan.params:
         shown = {k: v for k, v in plan.params.items() if k != "trace"}
         lines.append("params: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -220,7 +247,13 @@ def run_prune(args: argparse.Namespace) -> int:
     out, loaded, plan, report, data = load_and_plan(args, "pruned model")
     replacement = None
     replacement_data = None
-    if args.replace != "none":
+    layerwise = getattr(loaded, "layerwise", False)  # weights over --max-memory: written tensor by tensor
+    if layerwise and args.replace != "none":
+        raise PlanError("Training a replacement layer needs the model in memory; drop --replace in layer-wise "
+                        "mode (or raise `max_memory`).")
+    if layerwise:
+        model = None
+    elif args.replace != "none":
         tokens, replacement_data = _calibration(args, loaded)
         replacement_data["seed"] = args.seed
         replacement = train_replacement(
@@ -252,10 +285,16 @@ def run_prune(args: argparse.Namespace) -> int:
         plan_file=str(args.plan_file) if args.plan_file else None,
         report_file=str(args.report) if args.report and report is not None else None,
         **(data if data is not None else {"data": None}),
+        execution="layerwise" if layerwise else "in_memory",
     )
     if replacement_data is not None:
         meta["replacement_data"] = replacement_data
-    record = save_pruned(model, loaded.tokenizer, plan, out, report=report, meta=meta)
+    if layerwise:
+        from ..layerwise_export import export_pruned
+
+        record = export_pruned(loaded, plan, out, report=report, meta=meta)
+    else:
+        record = save_pruned(model, loaded.tokenizer, plan, out, report=report, meta=meta)
     runs = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     key = stable_key({"model": loaded.info.model, "revision": loaded.info.revision, "plan": plan.to_dict()})
     atomic_write_json(runs / "prune" / f"{key}.json", {**record, "out": str(out)})
@@ -286,6 +325,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a plan JSON (from `layerlens plan --json` or a layerlens_plan.json)",
     )
+    g.add_argument("--drop-attn", default=None,
+                   help="attention sublayers to drop (the layer stays, its attention adds nothing and keeps no "
+                        "KV cache), e.g. 3,5-7; alone or with --remove/--merge/--strategy")
+    g.add_argument("--drop-mlp", default=None, help="MLP sublayers to drop, e.g. 9 (as --drop-attn)")
     g.add_argument("--strategy", choices=[e.name for e in strategies() if e.size != "layers"], default=None,
                    help="; ".join(f"{e.name}: {e.summary}" for e in strategies() if e.size != "layers"))
     g.add_argument(
@@ -332,6 +375,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove or merge layers and save a model plain transformers loads")
     add_model_args(p)
+    add_layerwise_args(p)
     add_data_args(p)
     add_runs_arg(p)
     add_plan_args(p)

@@ -8,10 +8,21 @@ the runs folder, so an interrupted sweep resumes and a repeated one is read back
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from ..cli import add_data_args, add_model_args, add_runs_arg, analyze_from_args, cli_progress, load_from_args
-from ..data import load_texts
+from ..cli import (
+    add_data_args,
+    add_layerwise_args,
+    add_model_args,
+    add_runs_arg,
+    analyze_from_args,
+    cli_progress,
+    load_from_args,
+)
+from ..data import calibration_tokens, load_texts
 from ..errors import LayerLensError
 from ..export import save_figure
 from ..heal import HealConfig
@@ -19,8 +30,8 @@ from ..plans import get_strategy
 from ..plans import strategies as registry_entries
 from ..report import LayerReport
 from ..runs import atomic_write_json, atomic_write_text, default_runs_dir, stable_key
-from ..sweep import DEFAULT_MAX_WINDOWS, DEFAULT_RATIOS, DEFAULT_STRATEGIES, SweepConfig, sweep
-from .evaluate import SWEEP_DEFAULT_MMLU_LIMIT, add_eval_args, eval_inputs
+from ..sweep import DEFAULT_MAX_WINDOWS, DEFAULT_RATIOS, DEFAULT_STRATEGIES, SweepConfig, make_plans, sweep
+from .evaluate import SWEEP_DEFAULT_MMLU_LIMIT, add_eval_args, eval_inputs, task_limit
 
 
 def _floats(text: str) -> list[float]:
@@ -77,12 +88,36 @@ def run(args: argparse.Namespace) -> int:
     config = SweepConfig(strategies=strategies, ratios=ratios, seq_len=args.seq_len,
                          max_windows=inputs["max_windows"], ppl_batch_size=args.ppl_batch_size,
                          mmlu_batch_size=args.mmlu_batch_size, shots=args.shots, reuse=not args.no_reuse,
-                         cache_bytes=int(args.cache_gb * 2**30), seed=args.seed, heal=_heal_config(args))
+                         cache_bytes=int(args.cache_gb * 2**30), seed=args.seed, heal=_heal_config(args),
+                         tasks=tuple(inputs["tasks"]), task_shots=args.task_shots,
+                         task_limit=task_limit(args.task_limit), task_batch_size=args.task_batch_size)
+    if any(get_strategy(s).uses_data() for s in strategies):  # e.g. the oracle: forward passes on --data
+        tokens = calibration_tokens(loaded.tokenizer, load_texts(args.data, role="calibration", field=args.text_field),
+                                    args.samples, args.seq_len)
+        probe = {"model": loaded.model, "tokenizer": loaded.tokenizer, "token_lists": tokens, "runs_dir": runs}
+        config = replace(config, plans=tuple(make_plans(report, strategies, ratios, num_layers=info.num_layers,
+                                                        seed=args.seed, probe=probe)))
     heal_texts = load_texts(args.data, role="calibration", field=args.text_field) if config.heal else None
-    result = sweep(loaded.model, loaded.tokenizer, report, config, ppl_texts=inputs["texts"],
-                   questions=inputs["questions"], dev=inputs["dev"], runs_dir=runs,
-                   model_id={"model": info.model, "revision": info.revision}, progress=cli_progress("sweep"),
-                   heal_texts=heal_texts)
+    if args.ray is not None and getattr(loaded, "layerwise", False):
+        raise LayerLensError("--ray needs every worker to hold the whole model; it cannot run layer by layer "
+                             "(drop --layerwise/--max-memory, or --ray).")
+    if getattr(loaded, "layerwise", False):  # weights over --max-memory: every point in one pass over the layers
+        from ..layerwise import sweep as layerwise_sweep
+
+        result = layerwise_sweep(loaded, report, config, ppl_texts=inputs["texts"], questions=inputs["questions"],
+                                 dev=inputs["dev"], progress=cli_progress("sweep (layers)"), runs_dir=runs,
+                                 model_id={"model": info.model, "revision": info.revision})
+    else:
+        executor = _executor(args, loaded)  # --ray: the points computed by Ray workers, persisted here
+        try:
+            result = sweep(loaded.model, loaded.tokenizer, report, config, ppl_texts=inputs["texts"],
+                           questions=inputs["questions"], dev=inputs["dev"], runs_dir=runs,
+                           model_id={"model": info.model, "revision": info.revision}, progress=cli_progress("sweep"),
+                           heal_texts=heal_texts, executor=executor)
+        finally:
+            if executor is not None:
+                executor.close()
+        result.meta["execution"] = "in_memory"
     frame, meta = result.frame, dict(result.meta)
     meta.update(model=info.model, revision=info.revision, dtype=info.dtype, device=info.device,
                 data=inputs["texts"].source if inputs["texts"] is not None else None,
@@ -101,20 +136,40 @@ def run(args: argparse.Namespace) -> int:
     if inputs["texts"] is not None:
         figures += save_figure(sweep_figure(frame, "perplexity", title=f"Perplexity vs. pruning ratio: {name}"),
                                out / "perplexity")
+        figures += save_figure(sweep_figure(frame, "kl", title=f"KL to the original vs. pruning ratio: {name}"),
+                               out / "kl")
     if inputs["questions"] is not None:
         figures += save_figure(sweep_figure(frame, "mmlu_accuracy", title=f"MMLU vs. pruning ratio: {name}"),
                                out / "mmlu")
-    cols = [c for c in ("strategy", "ratio", "n_removed", "healed", "perplexity", "mmlu_accuracy", "mmlu_prob_correct",
+    cols = [c for c in ("strategy", "ratio", "n_removed", "healed", "perplexity", "kl", "top1_agreement",
+                        "mmlu_accuracy", "mmlu_prob_correct",
                         "seconds", "cached") if c in frame]
+    cols += [c for c in frame.columns if "/" in c and not c.endswith("_stderr")]  # harness task/metric columns
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"{int(frame.cached.sum())} of {len(frame)} points read back from {runs}; wrote {out / 'sweep.csv'}"
           + "".join(f", {p.name}" for p in figures))
+    if "error" in frame and frame["error"].astype(bool).any():
+        print(f"error: {int(frame['error'].astype(bool).sum())} point(s) failed on every attempt (the error column "
+              "of sweep.csv says why); re-run the same command to compute them.", file=sys.stderr)
+        return 1
     return 0
+
+
+def _executor(args: argparse.Namespace, loaded: Any) -> Any:
+    """With --ray: a Ray executor (a local Ray, or the cluster at the address) on which every worker loads
+    the same model; without it None (this process)."""
+    if args.ray is None:
+        return None
+    from ..distributed import ModelSpec, executor_for  # only with --ray
+
+    return executor_for(args.ray, ModelSpec.of(loaded.info, trust_remote_code=args.trust_remote_code),
+                        workers=args.ray_workers)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="perplexity and MMLU against the pruning ratio, one curve per strategy")
     add_model_args(p)
+    add_layerwise_args(p)
     add_data_args(p)  # calibration data for the report (its --seq-len is also the perplexity window)
     p.add_argument("--report", default=None, help="use this report.json instead of analysing the model")
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
@@ -131,6 +186,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "on --ppl-data) and add a healed row after each pruned row")
     p.add_argument("--heal-loss", choices=["lm", "kd", "both"], default="kd",
                    help="healing loss: next-token, distillation from the original, or both")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="compute the points on Ray: alone, a local Ray sized to this machine; with an ADDRESS "
+                        "(ray://head:10001, or auto on a node of the cluster), that cluster. Every worker loads "
+                        "--model itself, so it must reach that path. Needs pip install 'layerlens[ray]'")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray actors to start, each holding the model (default: one per GPU, else one per CPU)")
     add_runs_arg(p)
     p.add_argument("--out", required=True, help="output folder for sweep.csv and the figures")
     p.set_defaults(func=run)

@@ -25,6 +25,8 @@ class PlanSettings:
     target_ratio: float = 0.1  # merges without healing stayed under 2x the original perplexity only up to ~0.1
     criterion: str = DEFAULT_SLM_CRITERION  # cosine (why: next to DEFAULT_SLM_CRITERION)
     formula: str = DEFAULT_MERGE_FORMULA  # how each window's layers become one (FORMULA_NOTES says why)
+    drop_attn: tuple[int, ...] = ()  # manual mode: attention sublayers dropped (layers kept)
+    drop_mlp: tuple[int, ...] = ()  # manual mode: MLP sublayers dropped
 
     def label(self) -> str:
         if self.mode == "manual":
@@ -37,7 +39,8 @@ class PlanSettings:
 def build_plan(report: Any, ps: PlanSettings) -> Any:
     """The :class:`~layerlens.plans.PrunePlan` the Prune page's widgets describe (instant: no forward pass)."""
     if ps.mode == "manual":
-        return make_plan("manual", report, layers=tuple(sorted(set(ps.layers))))
+        return make_plan("manual", report, layers=tuple(sorted(set(ps.layers))),
+                         drop_attn=tuple(sorted(set(ps.drop_attn))), drop_mlp=tuple(sorted(set(ps.drop_mlp))))
     if ps.mode == "slm":
         if ps.slm_by == "ratio":
             return slm_plan(report, target_ratio=ps.target_ratio, criterion=ps.criterion, formula=ps.formula)
@@ -49,14 +52,20 @@ def build_plan(report: Any, ps: PlanSettings) -> Any:
 
 def plan_reason(report: Any, plan: Any) -> str:
     """One sentence saying why these layers were chosen (for the Summary page), from the strategy's entry."""
-    if not plan.removed_layers:
+    if not plan.removed_layers and not getattr(plan, "has_sublayers", False):
         return "No layer is removed by this plan."
     return get_strategy(plan.strategy).reason(report, plan)
 
 
-def params_after(total: int, per_layer: Sequence[int], plan: Any) -> int:
-    """Parameter count of the pruned model: the removed layers' parameters are gone (merges keep one)."""
-    return int(total - sum(per_layer[i] for i in plan.removed_layers))
+def params_after(total: int, per_layer: Sequence[int], plan: Any,
+                 per_sublayer: Sequence[tuple[int, int]] | None = None) -> int:
+    """Parameter count of the pruned model: the removed layers' parameters are gone (merges keep one), and
+    with ``per_sublayer`` (per layer: attention, MLP parameter counts) those of dropped sublayers too."""
+    gone = sum(per_layer[i] for i in plan.removed_layers)
+    if per_sublayer is not None:
+        gone += sum(per_sublayer[i][0] for i in getattr(plan, "drop_attn", ()))
+        gone += sum(per_sublayer[i][1] for i in getattr(plan, "drop_mlp", ()))
+    return int(total - gone)
 
 
 __all__ = [

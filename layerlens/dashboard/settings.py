@@ -66,6 +66,10 @@ class AnalysisSettings:
         d.update(asdict(self.capture))
         if not d["skip_first"]:  # keys of analyses saved before the option existed stay valid
             d.pop("skip_first")
+        defaults = CaptureConfig()
+        for name in ("sublayers", "bootstrap", "ci_level", "rank_k", "last_state", "block_distance"):
+            if name in d and d[name] == getattr(defaults, name):  # the same for the issue-17 fields
+                d.pop(name)
         d["data_fingerprint"] = data_fingerprint
         return stable_key(d)
 

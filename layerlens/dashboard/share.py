@@ -18,7 +18,7 @@ from .settings import DTYPE_OPTIONS, AnalysisSettings
 from .sweeps import RATIO_CHOICES, SweepSettings
 
 SWEEP_PARAMS = ("ev_strategies", "ev_ratios", "ev_windows", "ev_seq_len", "ev_mmlu", "ev_subjects", "ev_current",
-                "ev_heal")
+                "ev_heal", "ev_tasks")
 
 
 def to_query(settings: AnalysisSettings, ps: PlanSettings | None,
@@ -42,6 +42,9 @@ def to_query(settings: AnalysisSettings, ps: PlanSettings | None,
             q["ratio"] = f"{ps.ratio:g}"
         elif ps.mode == "manual":
             q["layers"] = ",".join(map(str, ps.layers))
+            for name in ("drop_attn", "drop_mlp"):
+                if getattr(ps, name, ()):
+                    q[name] = ",".join(map(str, getattr(ps, name)))
         else:
             q["criterion"] = ps.criterion
             if ps.formula != PlanSettings.formula:
@@ -75,7 +78,16 @@ def sweep_query(sweep: SweepSettings) -> dict[str, str]:
         q["ev_current"] = "1" if sweep.include_current else "0"
     if sweep.heal_seconds != d.heal_seconds:
         q["ev_heal"] = f"{sweep.heal_seconds:g}"
+    if _task_names(sweep.tasks):
+        q["ev_tasks"] = ",".join(_task_names(sweep.tasks))
     return q
+
+
+def _task_names(value: str) -> list[str]:
+    """The lm-eval task NAMES of a tasks field: a link never carries a local file path (a task YAML can run
+    code from its folder), so paths stay on the machine that typed them."""
+    return [x for x in (t.strip() for t in str(value or "")[:500].split(","))
+            if x and all(c.isalnum() or c in "_-" for c in x)]
 
 
 def sweep_from_query(params: Mapping[str, Any], strategies: tuple[str, ...],
@@ -109,6 +121,8 @@ def sweep_from_query(params: Mapping[str, Any], strategies: tuple[str, ...],
         upd["include_current"] = p["ev_current"] == "1"
     if (heal := _num(p.get("ev_heal"), int, 0, 3600)) is not None:
         upd["heal_seconds"] = float(heal)
+    if tasks := _task_names(p.get("ev_tasks", "")):
+        upd["tasks"] = ",".join(tasks)
     return replace(d, **upd)
 
 
@@ -148,7 +162,8 @@ def from_query(params: Mapping[str, Any], base: AnalysisSettings | None = None,
         if v is not None:
             capture[name] = v
     settings = replace(s, **upd, capture=replace(s.capture, **capture))
-    if not any(k in p for k in ("mode", "strategy", "ratio", "layers", "threshold", "target_ratio")):
+    if not any(k in p for k in ("mode", "strategy", "ratio", "layers", "threshold", "target_ratio", "drop_attn",
+                                "drop_mlp")):
         return settings, base_plan
     ps = base_plan or PlanSettings()
     pu: dict[str, Any] = {}
@@ -172,6 +187,10 @@ def from_query(params: Mapping[str, Any], base: AnalysisSettings | None = None,
     if p.get("layers"):
         with contextlib.suppress(PlanError):
             pu["layers"] = parse_layers(str(p["layers"])[:2000])
+    for name in ("drop_attn", "drop_mlp"):
+        if p.get(name):
+            with contextlib.suppress(PlanError):
+                pu[name] = parse_layers(str(p[name])[:2000])
     return settings, replace(ps, **pu)
 
 

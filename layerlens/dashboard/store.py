@@ -34,13 +34,15 @@ def analysis_path(key: str) -> Path:
 
 
 def sweep_key(settings: AnalysisSettings | None, report: Any, strategies: Iterable[str], ratios: Iterable[float],
-              windows: int, seq_len: int, mmlu: Any, current_plan_json: str, heal_seconds: float = 0.0) -> str:
+              windows: int, seq_len: int, mmlu: Any, current_plan_json: str, heal_seconds: float = 0.0,
+              tasks: str = "") -> str:
     """The name of a sweep: model, analysis, strategies, ratios, evaluation settings, the current plan and
     the healing budget (only when healing: the names of sweeps without it stay as they were)."""
     return stable_key({"model": settings.model_key() if settings else None, "report": report.meta.get("created"),
                        "strategies": sorted(strategies), "ratios": sorted(float(r) for r in ratios),
                        "windows": windows, "seq_len": seq_len, "mmlu": mmlu,
-                       "current": current_plan_json} | ({"heal_seconds": float(heal_seconds)} if heal_seconds else {}))
+                       "current": current_plan_json} | ({"heal_seconds": float(heal_seconds)} if heal_seconds else {})
+                      | ({"tasks": tasks} if tasks else {}))
 
 
 def sweep_csv(key: str) -> Path:
@@ -103,7 +105,40 @@ def save_timing(model_key: Sequence[Any], timing: SweepTiming) -> None:
     atomic_write_json(timing_path(model_key), timing.to_dict())
 
 
+def damage_path(key: str) -> Path:
+    """The leave-one-out damage document (``damage.json`` contents) named ``key``."""
+    return runs_dir() / "damage" / f"{key}.json"
+
+
+def load_damage(key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(damage_path(key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def save_damage(key: str, doc: dict[str, Any], *, model_key: Sequence[Any] | None, report_created: Any) -> None:
+    """Persist a damage document and which model and analysis it belongs to (the Summary finds it)."""
+    atomic_write_json(damage_path(key), doc | {"dashboard": {
+        "model_key": list(model_key) if model_key is not None else None, "report_created": report_created}})
+
+
+def latest_damage(model_key: Sequence[Any], report_created: Any) -> dict[str, Any] | None:
+    """The newest damage document of this model and analysis (None when there is none)."""
+    want = {"model_key": list(model_key), "report_created": report_created}
+    folder = runs_dir() / "damage"
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("dashboard") == want:
+            return doc
+    return None
+
+
 __all__ = [
-    "analysis_path", "exports_dir", "load_sweep", "load_timing", "runs_dir", "save_sweep", "save_timing",
-    "saved_sweeps", "sweep_csv", "sweep_key", "timing_path",
+    "analysis_path", "damage_path", "exports_dir", "latest_damage", "load_damage", "load_sweep", "load_timing",
+    "runs_dir", "save_damage", "save_sweep", "save_timing", "saved_sweeps", "sweep_csv", "sweep_key",
+    "timing_path",
 ]

@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import LayerLensError
 from ..evaluation import DEFAULT_MMLU_BATCH, MMLUTask, PerplexityTask, harness_max_length, plain_forward
 from ..prefix_reuse import schedule_reuse
 from ..runs import stable_key
 from ..sweep import effective_plan
 
 RATIO_CHOICES = tuple(round(0.05 * i, 2) for i in range(0, 15))
+RUN_ON = ("this process", "local Ray", "cluster address")  # where the Evaluate page's sweep computes its points
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SweepSettings:
     subjects: tuple[str, ...] = ()
     include_current: bool = True
     heal_seconds: float = 0.0  # heal every pruned point for this long (0: off), a healed row beside each
+    tasks: str = ""  # lm-eval task names / local task YAML paths, comma-separated ("task/metric" columns)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heal_seconds", float(self.heal_seconds))
@@ -172,5 +175,23 @@ def rough_seconds(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-__all__ = ["RATIO_CHOICES", "SweepEstimate", "SweepSettings", "SweepTiming", "calibrate", "rough_seconds",
+def sweep_executor(run_on: str, address: str, info: Any) -> Any:
+    """The executor for where the Evaluate page runs a sweep (:data:`RUN_ON`): None for this process, else a
+    :class:`layerlens.distributed.RayExecutor` (a local Ray, or the cluster at ``address``) whose workers
+    load the same model (``info``: the loaded model's :class:`layerlens.loading.ModelInfo`). A local Ray the
+    dashboard starts stays up for the next sweep; the actors stop with each sweep."""
+    if run_on not in RUN_ON:
+        raise LayerLensError(f"`run_on` must be one of {', '.join(RUN_ON)} (got {run_on!r}).")
+    if run_on == RUN_ON[0]:
+        return None
+    from ..distributed import LOCAL, ModelSpec, RayExecutor, require_ray  # only when a sweep goes to Ray
+
+    require_ray()
+    if run_on == RUN_ON[2] and not address.strip():
+        raise LayerLensError("Give the Ray cluster's address (e.g. ray://head-node:10001, as printed by `ray start` "
+                             "on the head node), or run on this process or a local Ray.")
+    return RayExecutor(ModelSpec.of(info), LOCAL if run_on == RUN_ON[1] else address.strip(), shutdown=False)
+
+
+__all__ = ["RATIO_CHOICES", "RUN_ON", "sweep_executor", "SweepEstimate", "SweepSettings", "SweepTiming", "calibrate", "rough_seconds",
            "estimate", "head_layers", "measured", "mmlu_tokens", "unique_plans"]

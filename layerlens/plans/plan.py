@@ -10,6 +10,13 @@ modules) and runs no model, so :mod:`layerlens.surgery` can import it without a 
 Ratio -> count: ``k = round(ratio * L)`` with Python's ``round`` (half to even), so the plan's
 :attr:`PrunePlan.ratio` is the *actual* ratio ``k / L``; the requested one is kept in
 ``params["target_ratio"]``.
+
+Sublayers: besides whole layers, a plan may drop the *attention* sublayer (``drop_attn``) or the *MLP*
+sublayer (``drop_mlp``) of layers it keeps (0-based ORIGINAL indices; a dropped sublayer adds nothing to
+the residual stream). A layer is two sublayers, so :attr:`PrunePlan.ratio` is the fraction of the model's
+``2L`` sublayers that go: ``(2 * n_removed + len(drop_attn) + len(drop_mlp)) / (2L)`` -- for whole-layer
+plans exactly ``n_removed / L`` as before. A plan without sublayer drops serialises exactly as before
+(the two keys are written only when non-empty), so old plan files and persisted run keys stay valid.
 """
 
 from __future__ import annotations
@@ -61,6 +68,12 @@ class PrunePlan:
       published SLM and LaCo scripts actually compute (they update the base in place inside that sum);
       ``mean`` -- the plain average over the group.
 
+    * ``drop_attn`` / ``drop_mlp``: layers (0-based ORIGINAL indices) that stay but lose their attention /
+      MLP sublayer. A layer listed there must be kept: listing a removed layer or a member of a merge group
+      is an error (not silently normalised), and so is dropping the attention of every kept layer (the
+      model would have no attention at all, and no KV cache to count positions with). A layer may lose
+      both sublayers (an identity layer for pre-norm models; it still counts as kept).
+
     Construction validates (raises :class:`PlanError` with one sentence) and normalises lists to tuples.
     """
 
@@ -71,6 +84,8 @@ class PrunePlan:
     merge_formula: str = "task_vector"
     strategy: str = "manual"
     params: dict[str, Any] = field(default_factory=dict)
+    drop_attn: tuple[int, ...] = ()
+    drop_mlp: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
@@ -80,6 +95,11 @@ class PrunePlan:
         if isinstance(self.remove, (str, bytes)) or isinstance(self.merge, (str, bytes)):
             raise PlanError("remove and merge must be lists of integer indices, not strings.")
         remove = tuple(_as_index(i, "remove") for i in self.remove)
+        for name in ("drop_attn", "drop_mlp"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise PlanError(f"{name} must be a list of integer layer indices (got {value!r}).")
+            object.__setattr__(self, name, tuple(_as_index(i, name) for i in value))
         groups = []
         for g in self.merge:
             if isinstance(g, (str, bytes)) or not isinstance(g, Sequence):
@@ -92,6 +112,8 @@ class PrunePlan:
         object.__setattr__(self, "params", _jsonable(self.params))  # JSON-safe, so round trips compare equal
         self.validate()
         object.__setattr__(self, "remove", tuple(sorted(remove)))
+        object.__setattr__(self, "drop_attn", tuple(sorted(self.drop_attn)))
+        object.__setattr__(self, "drop_mlp", tuple(sorted(self.drop_mlp)))
         object.__setattr__(self, "merge", tuple(sorted(tuple(sorted(g)) for g in groups)))
 
     def __hash__(self) -> int:
@@ -146,10 +168,33 @@ class PrunePlan:
                 )
             seen.update(g)
         removed = len(self.remove) if self.method == "remove" else sum(len(g) - 1 for g in self.merge)
+        self._validate_sublayers(seen)
         if removed >= n:
             raise PlanError(f"The plan removes all {n} layers; keep at least one layer.")
         if not 0.0 <= removed / n < 1.0:  # pragma: no cover - implied by the checks above
             raise PlanError(f"The pruning ratio {removed / n:.3f} is outside [0, 1).")
+
+    def _validate_sublayers(self, touched: set[int]) -> None:
+        n = self.num_layers
+        in_group = {i for g in self.merge for i in g}
+        for name, kind in (("drop_attn", "attention"), ("drop_mlp", "MLP")):
+            idx = getattr(self, name)
+            for i in idx:
+                if not 0 <= i < n:
+                    raise PlanError(f"Layer index {i} in `{name}` is out of range for a {n}-layer model "
+                                    f"(valid: 0..{n - 1}).")
+                if idx.count(i) > 1:
+                    raise PlanError(f"Layer {i} is listed twice in `{name}`; give each layer once.")
+                if i in in_group:
+                    raise PlanError(f"Layer {i} is in a merge group and also in `{name}`; drop the {kind} "
+                                    "sublayer of a layer that is kept as it is.")
+                if i in touched:
+                    raise PlanError(f"Layer {i} is removed whole and also listed in `{name}`; list it once "
+                                    "(removing a layer removes both its sublayers).")
+        kept = [i for i in range(n) if i not in touched or i in {g[0] for g in self.merge}]
+        if kept and self.drop_attn and all(i in self.drop_attn for i in kept):
+            raise PlanError("The plan drops the attention of every kept layer; keep at least one attention "
+                            "sublayer (a model without attention has no KV cache to count positions with).")
 
     # -- derived views -------------------------------------------------------------------------------
     @property
@@ -164,9 +209,37 @@ class PrunePlan:
         return len(self.removed_layers)
 
     @property
+    def n_sublayers_dropped(self) -> int:
+        """Attention plus MLP sublayers dropped from kept layers (whole-layer removals not counted)."""
+        return len(self.drop_attn) + len(self.drop_mlp)
+
+    @property
+    def has_sublayers(self) -> bool:
+        return bool(self.drop_attn or self.drop_mlp)
+
+    @property
+    def changes_model(self) -> bool:
+        """Whether applying the plan changes anything (a layer removed or merged, or a sublayer dropped)."""
+        return self.n_removed > 0 or self.has_sublayers
+
+    @property
     def ratio(self) -> float:
-        """Layers removed / layers of the model (the actual ratio, after rounding to whole layers)."""
-        return self.n_removed / self.num_layers
+        """The fraction of the model's 2L sublayers that go (a whole layer counts two): for whole-layer
+        plans, layers removed / layers of the model (the actual ratio, after rounding to whole layers)."""
+        if not self.has_sublayers:
+            return self.n_removed / self.num_layers
+        return (2 * self.n_removed + self.n_sublayers_dropped) / (2 * self.num_layers)
+
+    def units_text(self) -> str:
+        """Compact list of what goes: ``"3,5,a7,m9"`` (whole layers as numbers, ``a``/``m`` + index for a
+        dropped attention/MLP sublayer); for whole-layer plans just the removed layers, ``"3,5"``."""
+        return ",".join(str(i) if kind == "layer" else f"{kind[0]}{i}" for kind, i in self.sublayer_units())
+
+    def sublayer_units(self) -> tuple[tuple[str, int], ...]:
+        """Every unit the plan takes out, as ``("layer"|"attn"|"mlp", original index)``, sorted by index."""
+        units = [("layer", i) for i in self.removed_layers]
+        units += [("attn", i) for i in self.drop_attn] + [("mlp", i) for i in self.drop_mlp]
+        return tuple(sorted(units, key=lambda u: (u[1], u[0])))
 
     @property
     def kept_layers(self) -> tuple[int, ...]:
@@ -204,7 +277,8 @@ class PrunePlan:
             "n_removed": self.n_removed,
             "removed_layers": list(self.removed_layers),
             "kept_layers": list(self.kept_layers),
-        }
+        } | ({"drop_attn": list(self.drop_attn)} if self.drop_attn else {}) | (
+            {"drop_mlp": list(self.drop_mlp)} if self.drop_mlp else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -220,6 +294,8 @@ class PrunePlan:
                 merge_formula=d.get("merge_formula", "task_vector"),
                 strategy=d.get("strategy", "manual"),
                 params=dict(d.get("params", {})),
+                drop_attn=tuple(d.get("drop_attn") or ()),
+                drop_mlp=tuple(d.get("drop_mlp") or ()),
             )
         except (KeyError, TypeError) as exc:
             raise PlanError(
@@ -263,6 +339,10 @@ class PrunePlan:
             if self.method == "remove"
             else f"merge {[list(g) for g in self.merge]} ({self.merge_formula})"
         )
+        if self.has_sublayers:
+            subs = [f"{kind} {list(idx)}" for kind, idx in (("drop attention", self.drop_attn),
+                                                            ("drop MLP", self.drop_mlp)) if idx]
+            what = ", ".join(([what] if self.removed_layers else []) + subs)
         return (
             f"{self.strategy}: {what} -> {self.num_layers_after}/{self.num_layers} layers "
             f"(ratio {self.ratio:.3f})"
@@ -286,9 +366,12 @@ def _jsonable(obj: Any) -> Any:
 def plan_summary(plan: PrunePlan) -> list[dict[str, Any]]:
     """Per original layer (the dashboard's layer strip).
 
-    ``{"layer": i, "status": "kept" | "removed" | "merged", "into": j | None, "new_index": k | None}``:
+    ``{"layer": i, "status": "kept" | "removed" | "merged", "into": j | None, "new_index": k | None,
+    "attn": "kept" | "dropped" | "removed", "mlp": ...}``:
     every layer of a merge group (its base included) is ``"merged"`` with ``into`` = the group's base
-    index in the ORIGINAL numbering; ``new_index`` is the layer's position in the pruned model.
+    index in the ORIGINAL numbering; ``new_index`` is the layer's position in the pruned model; ``attn`` /
+    ``mlp`` (only for a plan with sublayer drops) say what happens to its two sublayers (``"removed"`` with the
+    whole layer, ``"merged"`` with its group).
     """
     bases = {i: g[0] for g in plan.merge for i in g}
     lmap = plan.layer_map
@@ -300,7 +383,12 @@ def plan_summary(plan: PrunePlan) -> list[dict[str, Any]]:
             status, into = "removed", None
         else:
             status, into = "kept", None
-        out.append({"layer": i, "status": status, "into": into, "new_index": lmap[i]})
+        def part(dropped: tuple[int, ...], status: str = status, i: int = i) -> str:
+            return "dropped" if i in dropped else status
+        row = {"layer": i, "status": status, "into": into, "new_index": lmap[i]}
+        if plan.has_sublayers:
+            row.update(attn=part(plan.drop_attn), mlp=part(plan.drop_mlp))
+        out.append(row)
     return out
 
 

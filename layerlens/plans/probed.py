@@ -1,4 +1,4 @@
-"""Strategies that probe the model with forward passes: SLM's functional criterion and LaCo.
+"""Strategies that probe the model with forward passes: SLM's functional criterion, LaCo and FinerCut.
 
 Both merge candidate windows with :mod:`layerlens.surgery` and compare the candidate's final hidden states
 with the original's on calibration data, so this module imports surgery and the package
@@ -7,15 +7,18 @@ with the original's on calibration data, so this module imports surgery and the 
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..adapters import layer_count
+from ..adapters import decoder_layers, layer_count
 from ..data import batches
 from ..errors import PlanError
-from ..surgery import apply_plan, check_mergeable
+from ..prefix_reuse import _replace_hidden, recording
+from ..surgery import apply_plan, check_mergeable, private_view, pruned
 from .plan import DEFAULT_MERGE_FORMULA, MERGE_FORMULAS, PrunePlan, check_threshold
 from .registry import PlanRequest
 from .slm import DEFAULT_SLM_CRITERION, slm_plan
@@ -43,10 +46,14 @@ class _FinalStates:
 
     def similarity(self, candidate: Any) -> float:
         """Mean over samples of cos(flattened non-pad final states of the original, of the candidate)."""
+        return self.similarity_of(lambda index, batch: self._final(candidate, batch))
+
+    def similarity_of(self, final: Callable[[int, Any], Any]) -> float:
+        """:meth:`similarity` with the candidate's final states given by ``final(batch index, batch)``."""
         sims: list[float] = []
         with torch.no_grad():
-            for b, ref in zip(self.batches, self.reference, strict=True):
-                got = self._final(candidate, b)
+            for index, (b, ref) in enumerate(zip(self.batches, self.reference, strict=True)):
+                got = final(index, b)
                 mask = b.attention_mask.bool()
                 for row in range(ref.shape[0]):
                     x, y = ref[row][mask[row]].flatten(), got[row][mask[row]].flatten()
@@ -201,6 +208,128 @@ def laco_plan(
     return _merge_plan(n, [s for s in slots if len(s) > 1], formula, "laco", params)
 
 
+
+
+# model -> {(token fingerprint, batch size): greedy order so far}: the FinerCut order for k sublayers is
+# the first k of the order for any larger k, so a sweep over ratios runs the greedy once.
+_FINERCUT_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokens_key(token_lists: list[list[int]], batch_size: int) -> tuple[str, int]:
+    h = hashlib.sha256()
+    for t in token_lists:
+        h.update(len(t).to_bytes(4, "little"))
+        h.update(b"".join(int(x).to_bytes(4, "little", signed=True) for x in t))
+    return h.hexdigest(), batch_size
+
+
+def finercut_plan(
+    model: Any,
+    tokenizer: Any,
+    token_lists: list[list[int]],
+    k: int,
+    *,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    params: dict[str, Any] | None = None,
+    cache_bytes: int = 2**30,
+) -> PrunePlan:
+    """FinerCut-style joint greedy over all 2L sublayers (arXiv 2405.18218): k times, drop the attention or
+    MLP sublayer whose removal (given the ones already dropped) keeps the model's final hidden states (after
+    the final norm) most similar to the original's on the calibration texts -- the same similarity as SLM's
+    output criterion (per sample, cosine of the flattened non-pad states, averaged). Ties -> the candidate
+    listed first (attention before MLP, lower layer first). The attention of the last kept attention layer
+    is never dropped (a plan must keep one). Costs about k x 2L forward passes over the calibration batches,
+    each from the candidate's layer on (prefix reuse: the current plan's layer inputs are recorded once per
+    step, on CPU, when L of them fit in ``cache_bytes``; about half the layer passes); the order is cached per
+    model and calibration tokens, so plans for several k share one greedy run.
+    """
+    n = layer_count(model)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 2 * n - 1:
+        raise PlanError(f"FinerCut drops 0..{2 * n - 1} sublayers of this {n}-layer model (got {k!r}).")
+    cache = _FINERCUT_ORDERS.setdefault(model, {})
+    order: list[dict[str, Any]] = cache.setdefault(_tokens_key(token_lists, batch_size), [])
+    ref = view = None
+    while len(order) < k:
+        if ref is None:
+            ref = _FinalStates(model, tokenizer, token_lists, batch_size)
+            view = private_view(model)  # pruned in place below: never the caller's model
+            per_state = sum(b.input_ids.numel() for b in ref.batches) * _hidden_size(model) * 4
+            reuse = per_state * n <= cache_bytes
+        attn = {u["layer"] for u in order if u["kind"] == "attn"}
+        mlp = {u["layer"] for u in order if u["kind"] == "mlp"}
+        cands = [("attn", i) for i in range(n) if i not in attn and len(attn) < n - 1]
+        cands += [("mlp", i) for i in range(n) if i not in mlp]
+        # Prefix reuse: every candidate at layer i shares the current plan's input of layer i; record them all
+        # in one pass, then run each candidate from its layer only (no layer is removed, so indices agree).
+        states: dict[int, list[torch.Tensor]] = {}
+        if reuse:
+            current = PrunePlan(n, "remove", drop_attn=tuple(attn), drop_mlp=tuple(mlp))
+            with pruned(view, current), recording({i: decoder_layers(view)[i] for i in range(1, n)}, states), \
+                    torch.no_grad():
+                for b in ref.batches:
+                    ref._final(view, b)
+        best: tuple[float, str, int] | None = None
+        for kind, i in cands:
+            plan = PrunePlan(n, "remove", drop_attn=tuple(attn | {i}) if kind == "attn" else tuple(attn),
+                             drop_mlp=tuple(mlp | {i}) if kind == "mlp" else tuple(mlp))
+            with pruned(view, plan):
+                s = (ref.similarity_of(_from_layer(view, i, states.get(i))) if reuse and i > 0
+                     else ref.similarity(view))
+            if best is None or s > best[0]:
+                best = (s, kind, i)
+        assert best is not None
+        order.append({"kind": best[1], "layer": best[2], "similarity": best[0]})
+        if progress:
+            progress(len(order), k, f"FinerCut: dropped {best[1]} {best[2]} (similarity {best[0]:.4f})")
+    chosen = order[:k]
+    out = dict(params or {})
+    out.update(samples=len(token_lists), order=[f"{u['kind']}{u['layer']}" for u in chosen],
+               similarity=chosen[-1]["similarity"] if chosen else 1.0)
+    return PrunePlan(n, "remove", drop_attn=tuple(u["layer"] for u in chosen if u["kind"] == "attn"),
+                     drop_mlp=tuple(u["layer"] for u in chosen if u["kind"] == "mlp"), strategy="finercut",
+                     params=out)
+
+
+def _hidden_size(model: Any) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0))
+
+
+def _from_layer(model: Any, start: int, states: list[torch.Tensor] | None) -> Callable[[int, Any], Any]:
+    """Final states of ``model`` (pruned in place, nothing removed) run from original layer ``start`` on,
+    fed the recorded input of that layer for each batch (as :func:`layerlens.prefix_reuse.tail_forward`)."""
+    if states is None:
+        raise PlanError("internal: no recorded state for the candidate's layer")
+
+    def final(index: int, batch: Any) -> Any:
+        n = len(decoder_layers(model))
+        with pruned(model, PrunePlan(n, "remove", remove=tuple(range(start)))):
+            device = next(model.parameters()).device
+            cached = states[index].to(device)
+            handle = decoder_layers(model)[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: _replace_hidden(args, kwargs, cached), with_kwargs=True)
+            try:
+                return _FinalStates._final(model, batch)
+            finally:
+                handle.remove()
+
+    return final
+
+
+def build_finercut(req: PlanRequest) -> PrunePlan:
+    from .ranking import sublayer_count_of
+
+    k, params = sublayer_count_of(req, 2 * req.num_layers - 1)
+    if req.model is None or "token_lists" not in req.options:
+        raise PlanError("FinerCut probes the model with forward passes; pass model, tokenizer and token_lists "
+                        "(or use finercut_plan).")
+    kw = dict(req.options)
+    tokenizer, tokens = kw.pop("tokenizer", None), kw.pop("token_lists")
+    batch_size, progress = kw.pop("batch_size", 8), kw.pop("progress", None)
+    if kw:
+        raise PlanError(f"Strategy 'finercut' does not take option(s) {', '.join(sorted(kw))}.")
+    return finercut_plan(req.model, tokenizer, tokens, k, batch_size=batch_size, progress=progress, params=params)
 
 
 def probed_plan(plan_fn: Callable[..., PrunePlan], what: str, req: PlanRequest, **options: Any) -> PrunePlan:

@@ -8,7 +8,11 @@ sentence why the layers were chosen (the dashboard's Summary).
 * ``block`` -- the n contiguous layers with the smallest ``block_distance[n-1][i]`` (Gromov et al.).
 * ``streamline`` -- the n contiguous layers whose input h_i and output h_{i+n} have the highest
   ``cosine[i][i+n]`` (LLM-Streamline); see :mod:`layerlens.streamline` for the trained replacement.
-* ``manual`` -- the caller's own indices (or merge groups).
+* ``manual`` -- the caller's own indices (or merge groups), and sublayers to drop.
+* ``attn_bi`` / ``mlp_bi`` -- drop the attention (MLP) sublayers with the smallest ``attn_bi`` (``mlp_bi``)
+  (LLM-Drop's attention drop, by the sublayer's own Block Influence). Their size counts SUBLAYERS: ``ratio``
+  is the fraction of the model's 2L sublayers, ``k = round(ratio * 2L)`` (so the plan's ``ratio`` equals a
+  whole-layer plan's at the same number of removed sublayers), or ``n`` sublayers.
 """
 
 from __future__ import annotations
@@ -122,17 +126,65 @@ build_streamline = removal(_streamline)
 
 
 def build_manual(req: PlanRequest) -> PrunePlan:
+    """Layers to remove (``layers``) or merge groups (``merge``), plus attention / MLP sublayers to drop
+    (options ``drop_attn`` / ``drop_mlp``, original indices of kept layers)."""
     merge = req.option("merge")
     formula = req.option("formula", DEFAULT_MERGE_FORMULA)
+    subs = {"drop_attn": tuple(req.option("drop_attn") or ()), "drop_mlp": tuple(req.option("drop_mlp") or ())}
     req.no_extra()
     if merge:
         if req.layers:
             raise PlanError("Give either layers to remove or merge groups, not both.")
         return PrunePlan(req.num_layers, "merge", merge=tuple(tuple(g) for g in merge), merge_formula=formula,
-                         strategy="manual")
-    if req.layers is None:
-        raise PlanError("The manual strategy needs the layers to remove, e.g. `layers=3,5,7`.")
-    return PrunePlan(req.num_layers, "remove", remove=req.layers, strategy="manual")
+                         strategy="manual", **subs)
+    if req.layers is None and not any(subs.values()):
+        raise PlanError("The manual strategy needs the layers to remove, e.g. `layers=3,5,7` (or sublayers "
+                        "to drop, `drop_attn=3,5`).")
+    return PrunePlan(req.num_layers, "remove", remove=req.layers or (), strategy="manual", **subs)
+
+
+def sublayer_count_of(req: PlanRequest, most: int) -> tuple[int, dict[str, Any]]:
+    """k sublayers from exactly one of ``ratio`` (``round(ratio * 2L)``) / ``n``, at most ``most``."""
+    ratio, n, two_l = req.ratio, req.n, 2 * req.num_layers
+    if req.threshold is not None:
+        raise PlanError(f"Strategy '{req.strategy}' takes a ratio or n, not a threshold.")
+    if (ratio is None) == (n is None):
+        raise PlanError(f"Strategy '{req.strategy}' needs exactly one of a ratio or a sublayer count n.")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise PlanError(f"The sublayer count n={n!r} must be a non-negative integer.")
+        k, params = n, {"n": n}
+    else:
+        from .plan import check_ratio
+
+        k, params = round(check_ratio(ratio) * two_l), {"target_ratio": float(ratio)}  # type: ignore[arg-type]
+    if k > most:
+        raise PlanError(f"Strategy '{req.strategy}' can drop at most {most} of this model's {two_l} sublayers "
+                        f"(asked for {k}); use a smaller `ratio` (at most {most / two_l:.2f}) or `n`.")
+    return k, params
+
+
+def _sublayer_values(req: PlanRequest, key: str) -> tuple[float, ...]:
+    values = getattr(req.need_report(), key, None)
+    if values is None:
+        raise PlanError(f"The report has no {key} (it was made before LayerLens measured sublayers, or this "
+                        "architecture has no residual state between attention and MLP); analyze the model "
+                        "again, or use whole-layer strategies.")
+    return values
+
+
+def build_attn_bi(req: PlanRequest) -> PrunePlan:
+    req.no_extra()
+    k, params = sublayer_count_of(req, req.num_layers - 1)
+    drop = lowest_k(_sublayer_values(req, "attn_bi"), k)
+    return PrunePlan(req.num_layers, "remove", drop_attn=drop, strategy=req.strategy, params=params)
+
+
+def build_mlp_bi(req: PlanRequest) -> PrunePlan:
+    req.no_extra()
+    k, params = sublayer_count_of(req, req.num_layers)
+    drop = lowest_k(_sublayer_values(req, "mlp_bi"), k)
+    return PrunePlan(req.num_layers, "remove", drop_mlp=drop, strategy=req.strategy, params=params)
 
 
 # -- reasons (one sentence: why these layers) ----------------------------------------------------------------
@@ -141,6 +193,22 @@ def reason_bi(report: Any, plan: PrunePlan) -> str:
     vals = ", ".join(f"{i} ({report.bi[i]:.3f})" for i in removed[:8])
     return (f"They have the lowest Block Influence (1 − cosine between a layer's input and output): {vals}"
             f"{' …' if len(removed) > 8 else ''}. Low BI means the layer barely changes the hidden state.")
+
+
+def _reason_sub(kind: str, key: str, label: str) -> Callable[[Any, PrunePlan], str]:
+    def reason(report: Any, plan: PrunePlan) -> str:
+        idx = list(getattr(plan, kind))
+        values = getattr(report, key, None) if report is not None else None
+        shown = ", ".join(f"{i} ({values[i]:.3f})" if values else str(i) for i in idx[:8])
+        return (f"Their {label} sublayers have the lowest {label} Block Influence (1 − cosine between the residual "
+                f"before and after that sublayer's add): layers {shown}{' …' if len(idx) > 8 else ''}. The layers "
+                "stay; only these sublayers stop adding to the residual stream.")
+
+    return reason
+
+
+reason_attn_bi = _reason_sub("drop_attn", "attn_bi", "attention")
+reason_mlp_bi = _reason_sub("drop_mlp", "mlp_bi", "MLP")
 
 
 def reason_block(report: Any, plan: PrunePlan) -> str:

@@ -9,23 +9,40 @@ from __future__ import annotations
 
 from .plan import DEFAULT_MERGE_FORMULA, MERGE_FORMULAS
 from .ranking import (
+    build_attn_bi,
     build_bi,
     build_block,
     build_magnitude,
     build_manual,
+    build_mlp_bi,
     build_random,
     build_reverse,
     build_sequential,
     build_streamline,
     fixed_reason,
+    reason_attn_bi,
     reason_bi,
     reason_block,
+    reason_mlp_bi,
     reason_streamline,
 )
 from .registry import RATIO, SEED, THRESHOLD, N, Param, Strategy, register
 from .slm import DEFAULT_SLM_CRITERION, reason_slm
 
+
+def reason_finercut(report: object, plan: object) -> str:
+    params = getattr(plan, "params", {})
+    sim = params.get("similarity")
+    tail = f" (final-state cosine to the original {sim:.4f})" if isinstance(sim, float) else ""
+    return (f"Chosen one sublayer at a time, each the one whose removal changed the model's final hidden states "
+            f"least on the calibration texts{tail}: {getattr(plan, 'units_text', lambda: '')()} "
+            "(a = attention, m = MLP).")
+
 COUNT = (RATIO, N)
+# Sublayer strategies count sublayers: a whole layer is two (see layerlens.plans.ranking).
+SUB_COUNT = (Param("ratio", float, lo=0.0, hi=1.0, hi_open=True,
+                   help="fraction of the model's 2L sublayers to drop: k = round(ratio * 2L)"),
+             Param("n", int, lo=0, help="number of sublayers to drop (instead of ratio)"))
 FORMULA = Param("formula", str, default=DEFAULT_MERGE_FORMULA, choices=MERGE_FORMULAS,
                 help="merge formula (keep_top: each window's top layer; task_vector: the papers' formula, which "
                      "degrades windows of three or more layers; mean: the average)")
@@ -69,6 +86,24 @@ BUILT_IN = (
              size="threshold", needs_data=True, on_prune_page=False,
              params=(THRESHOLD, FORMULA, Param("m", int, default=3, lo=1), Param("interval", int, default=1, lo=1),
                      Param("lowest", int, default=0, lo=0), Param("highest", int, lo=0))),
+    Strategy("oracle", "Greedy by measured damage (oracle)", "#000000",
+             "greedy: each step removes the layer whose removal raises the calibration perplexity least",
+             "layerlens.damage:build_oracle",
+             fixed_reason("Removed greedily by measured damage: each step dropped the layer whose removal raised "
+                          "the calibration perplexity least (the upper reference for the metric strategies)."),
+             needs_data=True,
+             on_prune_page=False, params=COUNT),
+    Strategy("attn_bi", "Attention sublayers (lowest attention BI)", "#bcbd22",
+             "drop the k attention sublayers with the lowest attention BI (LLM-Drop); layers and MLPs stay",
+             build_attn_bi, reason_attn_bi, needs_report=True, params=SUB_COUNT),
+    Strategy("mlp_bi", "MLP sublayers (lowest MLP BI)", "#9edae5",
+             "drop the k MLP sublayers with the lowest MLP BI; layers and attention stay",
+             build_mlp_bi, reason_mlp_bi, needs_report=True, params=SUB_COUNT),
+    Strategy("finercut", "Joint greedy over sublayers (FinerCut)", "#ff9896",
+             "greedily drop, one at a time, the attention or MLP sublayer whose removal changes the final "
+             "hidden states least on calibration data (FinerCut)",
+             "layerlens.plans.probed:build_finercut", reason_finercut, needs_data=True, on_prune_page=False,
+             params=SUB_COUNT),
     Strategy("manual", "Picked by hand", "#17becf",
              "the layers given by hand", build_manual, fixed_reason("Picked by hand on the Prune page."),
              size="layers", on_prune_page=False, params=(FORMULA,)),

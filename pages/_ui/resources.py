@@ -24,7 +24,6 @@ from layerlens.dashboard.paths import check_model_spec, check_upload, confine_pa
 from layerlens.dashboard.settings import AnalysisSettings
 from layerlens.data import load_texts
 from layerlens.errors import LayerLensError
-from layerlens.loading import load_model
 from layerlens.plans import PrunePlan
 
 from .keys import SS_UPLOAD
@@ -43,7 +42,16 @@ class SharedModel:
     busy: str = ""  # what this process's background work is doing with the model, while it holds the lock
 
     @property
+    def layerwise(self) -> bool:
+        """The weights exceed the memory here: the model runs layer by layer (layerlens.layerwise)."""
+        return bool(getattr(self.loaded, "layerwise", False))
+
+    @property
     def model(self) -> Any:
+        if self.layerwise:
+            raise LayerLensError("This model is larger than the memory here, so it runs layer by layer (analysis "
+                                 "only in the dashboard); use the CLI's `layerwise` mode for evaluation, sweeps "
+                                 "and export, or a smaller model or `dtype=bfloat16`.")
         return self.loaded.model
 
     @property
@@ -59,9 +67,13 @@ class SharedModel:
 def _shared_model(model: str, revision: str | None, dtype: str, device: str,
                   trust_remote_code: bool) -> SharedModel:
     """The one cached copy of a model for every session (key: id, revision, dtype, device)."""
-    loaded = load_model(model, revision=revision, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code)
-    per_layer = tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model))
+    from layerlens.layerwise import open_model, per_layer_params  # a model over the memory: layer by layer
+
+    loaded = open_model(model, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if getattr(loaded, "layerwise", False):
+        per_layer = per_layer_params(loaded)
+    else:
+        per_layer = tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(loaded.model))
     return SharedModel(loaded=loaded, lock=threading.RLock(), per_layer_params=per_layer)
 
 

@@ -13,27 +13,62 @@ from typing import Any
 import streamlit as st
 
 from layerlens.dashboard import store, sweeps
-from layerlens.data import load_texts
+from layerlens.data import calibration_tokens, load_texts
+from layerlens.harness import parse_tasks
 from layerlens.heal import HealConfig
+from layerlens.plans import get_strategy
 from layerlens.questions import load_questions
 from layerlens.runs import default_runs_dir
 from layerlens.sweep import SweepConfig, make_plans
 
 from .errors import status_error_on_failure
 from .keys import SS_SWEEP, SS_SWEEP_PARTIAL, SS_SWEEP_RUNNING, SS_SWEEP_STOPPED
-from .resources import SharedModel, model_lock
+from .resources import SharedModel, model_lock, resolve_texts
 from .session import current_settings
 
 log = logging.getLogger("layerlens.dashboard")
+
+
+RUN_ON_KEY, ADDRESS_KEY = "ev_run_on", "ev_ray_address"
+
+
+def run_on_widget() -> None:
+    """Where the sweep computes its points: this process, a local Ray, or a Ray cluster (a choice of this
+    machine, so not in share links). The progress, Stop, saved points and curves are the same for all three."""
+    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+    run_on = c1.radio("Run on", sweeps.RUN_ON, key=RUN_ON_KEY, horizontal=True, persist_state="session",
+                      help="Ray (pip install 'layerlens[ray]') starts one worker per GPU (or CPU), each loading "
+                           "the model once; the points are saved here as they finish, under the same keys, so a "
+                           "sweep resumes on either. A cluster's workers must reach the model's folder.")
+    c2.text_input("Ray cluster address", key=ADDRESS_KEY, placeholder="ray://head-node:10001",
+                  disabled=run_on != sweeps.RUN_ON[2], persist_state="session",
+                  help="What `ray start --head` printed on the head node (or auto on a node of the cluster)")
 
 
 def _request_stop() -> None:
     st.session_state[SS_SWEEP_STOPPED] = True
 
 
-def sweep_plans(report: Any, sweep: sweeps.SweepSettings, current_plan: Any) -> list[tuple[str, float, Any]]:
-    """The sweep's ``(strategy, ratio, plan)`` points: every strategy x ratio, then the current plan."""
-    plans = make_plans(report, list(sweep.strategies), sorted(sweep.ratios), num_layers=report.num_layers)
+def sweep_plans(report: Any, sweep: sweeps.SweepSettings, current_plan: Any,
+                shared: SharedModel | None = None) -> list[tuple[str, float, Any]]:
+    """The sweep's ``(strategy, ratio, plan)`` points: every strategy x ratio, then the current plan.
+
+    Strategies that run forward passes (the greedy oracle) get the model and the calibration tokens when
+    ``shared`` is given; without it (time estimates, counts) they stand in as a plan of the same size."""
+    names = list(sweep.strategies)
+    probed = [n for n in names if get_strategy(n).uses_data()]
+    probe = None
+    if probed and shared is not None:
+        texts, _ = resolve_texts(current_settings())
+        cap = current_settings().capture
+        probe = {"model": shared.model, "tokenizer": shared.tokenizer,
+                 "token_lists": calibration_tokens(shared.tokenizer, texts, cap.samples, cap.seq_len),
+                 "runs_dir": default_runs_dir()}
+    elif probed:
+        names = [n if n not in probed else "sequential" for n in names]
+    plans = make_plans(report, names, sorted(sweep.ratios), num_layers=report.num_layers, probe=probe)
+    plans = [(s, r, p) for s, (_, r, p) in zip([n for n in sweep.strategies for _ in sweep.ratios], plans,
+                                              strict=True)]
     if current_plan is not None:
         plans.append(("current", current_plan.ratio, current_plan))
     return plans
@@ -119,7 +154,12 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
     s = sweep_settings
     ppl_texts = load_texts("default", role="eval")
     questions = _questions(s) if s.mmlu else None
-    plans = sweep_plans(report, s, current_plan)
+    if any(get_strategy(n).uses_data() for n in s.strategies):
+        with st.spinner("Finding the oracle's removals (each step measures every remaining layer's damage)…"), \
+                model_lock(shared, quiet=True):
+            plans = sweep_plans(report, s, current_plan, shared)
+    else:
+        plans = sweep_plans(report, s, current_plan)
     guess = f" (estimated {sweeps.rough_seconds(estimate.seconds)})" if estimate is not None else ""
     status = st.status(f"Sweep: {len(plans)} points{guess}…", expanded=True)
     slot = st.empty()
@@ -145,9 +185,14 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
                          text=f"{done}/{total} evaluations{healing} · {label[:90]} · {elapsed:.0f} s{left}")
 
         heal = HealConfig(seconds=s.heal_seconds) if s.heal_seconds else None  # the Heal page's defaults
-        config = SweepConfig(plans=plans, seq_len=s.seq_len, max_windows=s.windows, heal=heal)
+        config = SweepConfig(plans=plans, seq_len=s.seq_len, max_windows=s.windows, heal=heal,
+                             tasks=tuple(parse_tasks(s.tasks)))
+        run_on, address = ss.get(RUN_ON_KEY, sweeps.RUN_ON[0]), ss.get(ADDRESS_KEY) or ""
+        executor = sweeps.sweep_executor(run_on, address, shared.info)  # None: this process
         same = dict(ppl_texts=ppl_texts, questions=questions, runs_dir=default_runs_dir(),
-                    model_id=shared.info.to_dict())
+                    model_id=shared.info.to_dict(), executor=executor)
+        if executor is not None:
+            bar.progress(0.0, text=f"Starting the Ray workers ({run_on}; each loads the model once)…" + guess)
         with model_lock(shared, status):
             try:
                 result = sweep(shared.model, shared.tokenizer, report, config, progress=progress, **same)
@@ -164,6 +209,9 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
                         partial["mmlu_questions"] = len(questions)
                     partials[key] = partial
                 raise
+            finally:
+                if executor is not None:
+                    executor.close()  # the actors (and the models they hold) go; a local Ray stays up
         slot.empty()
         elapsed = time.perf_counter() - t0
         status.update(label=f"Sweep done: {len(frame)} points in {elapsed:.0f} s" + guess.replace("(", "(was "),
@@ -175,7 +223,7 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
                      report_created=report.meta.get("created"), strategies=s.strategies, ratios=s.ratios)
     # how fast evaluations ran (healing's seconds would make the next estimate of a plain sweep far too long)
     timing = sweeps.measured(estimate, elapsed, result.stats.computed) if estimate is not None and \
-        not s.heal_seconds else None
+        not s.heal_seconds and executor is None else None  # Ray's speed is not this process's
     if timing is not None and settings is not None:
         store.save_timing(settings.model_key(), timing)
     return frame

@@ -47,8 +47,10 @@ def test_sweep_curves_current_plan_and_restart(env):
     at.button(key="ev_run").click().run()
     assert not at.exception and not at.error
     figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    assert len(figs) == 2
-    ppl, mmlu = figs
+    assert len(figs) == 4
+    ppl, mmlu, kl, top1 = figs
+    assert "KL" in kl["layout"]["yaxis"]["title"]["text"] and "agreement" in top1["layout"]["yaxis"]["title"]["text"]
+    assert {"bi", "reverse"} <= {t["name"] for t in kl["data"]}
     names = {t["name"] for t in ppl["data"]}
     assert {"bi", "reverse"} <= names and any("current plan" in n for n in names)
     assert ppl["layout"]["yaxis"]["type"] == "log"
@@ -57,6 +59,9 @@ def test_sweep_curves_current_plan_and_restart(env):
     frame = at.dataframe[0].value
     assert len(frame) == 7 and set(frame["strategy"]) == {"bi", "reverse", "current"}
     assert frame["perplexity"].notna().all() and frame["mmlu_accuracy"].notna().all()
+    assert frame["kl"].notna().all() and frame["top1_agreement"].between(0, 1).all()
+    unpruned = frame[frame["n_removed"] == 0]
+    assert len(unpruned) and (unpruned["kl"].abs() < 1e-6).all() and (unpruned["top1_agreement"] == 1).all()
 
     # "restart": caches cleared, a brand-new session with the same settings sees the saved sweep at once
     st.cache_data.clear()
@@ -65,7 +70,7 @@ def test_sweep_curves_current_plan_and_restart(env):
     again.run()
     _small(again, mmlu=True)
     assert not again.exception and not again.error
-    assert len(again.get("plotly_chart")) == 2
+    assert len(again.get("plotly_chart")) == 4
     assert len(again.dataframe[0].value) == 7
 
 
@@ -173,3 +178,25 @@ def test_the_url_carries_the_session_and_the_evaluate_settings_before_any_sweep(
         "ev_windows": "3", "ev_ratios": "0,0.25", "ev_current": "0", "ev_mmlu": "off"}, link
     assert "ev_strategies" not in link  # only what differs from the defaults
     assert any("This session" in c.value for c in at.sidebar.caption)
+
+
+def test_lm_eval_task_field_adds_task_columns(env, tmp_path):
+    pytest.importorskip("lm_eval")
+    from harness_tasks import write_tasks
+
+    mc, _gen = write_tasks(tmp_path)
+    at = _open()
+    at.run()
+    at.multiselect(key="ev_strategies").set_value(["bi"])
+    at.multiselect(key="ev_ratios").set_value([0.0, 0.2])
+    at.number_input(key="ev_windows").set_value(2)
+    at.number_input(key="ev_seq_len").set_value(64)
+    at.checkbox(key="ev_mmlu").set_value(False)
+    at.checkbox(key="ev_current").set_value(False)
+    at.text_input(key="ev_tasks").set_value(str(mc))
+    at.run()
+    at.button(key="ev_run").click().run()
+    assert not at.exception and not at.error
+    frame = at.dataframe[0].value
+    assert {"ll_local_mc/acc", "ll_local_mc/acc_norm"} <= set(frame.columns)
+    assert frame["ll_local_mc/acc"].between(0, 1).all() and len(frame) == 2

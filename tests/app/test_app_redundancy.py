@@ -32,8 +32,11 @@ def test_opens_with_bars_and_heatmaps_of_shape_layers_plus_one(app):
     app.run()
     assert not app.exception and not app.error
     figs = _figs(app)
-    assert len(figs) == 3  # BI bars, cosine, CKA
-    bar, cos, cka = figs
+    assert len(figs) == 5  # BI bars, sublayer BI bars, rank stability, cosine, CKA
+    bar, sub, stab, cos, cka = figs
+    assert [t["name"] for t in sub["data"]] == ["whole layer", "attention", "MLP"]
+    assert "error_y" in bar["data"][0] and "error_y" in sub["data"][1]  # bootstrap intervals
+    assert len(_array(stab["data"][0]["y"])) == 6
     assert bar["data"][0]["type"] == "bar" and len(_array(bar["data"][0]["x"])) == 6
     for heat in (cos, cka):
         z = _array(heat["data"][0]["z"])
@@ -59,7 +62,7 @@ def test_threshold_slider_outlines_runs_without_recomputing(app, monkeypatch):
         app.slider(key="rd_threshold").set_value(value).run()
         timings.append(time.perf_counter() - t)
         assert not app.exception and not app.error
-    shapes_low = _figs(app)[1]["layout"].get("shapes", [])
+    shapes_low = _figs(app)[3]["layout"].get("shapes", [])  # after BI, sublayer BI, rank stability
     assert shapes_low, "a low threshold outlines at least one run"
     assert all(s["line"]["color"] == "red" for s in shapes_low)
     assert any("runs ≥ 0.50" in c.value for c in app.caption)
@@ -78,7 +81,7 @@ def test_metric_switch_and_block_size(app):
     app.radio(key="rd_metric").set_value("magnitude").run()
     assert "Magnitude" in _figs(app)[0]["layout"]["title"]["text"]
     app.multiselect(key="rd_kinds").set_value(["cka"]).run()
-    assert len(_figs(app)) == 2
+    assert len(_figs(app)) == 4  # bars, sublayer bars, rank stability, CKA
 
 
 def _patched_analysis(monkeypatch, edit):

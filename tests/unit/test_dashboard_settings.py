@@ -86,7 +86,8 @@ def test_validate_speaks_the_dashboard_s_words():
 def test_settings_fields_name_the_capture_fields_in_place():
     assert settings_fields() == ("model", "revision", "dtype", "device", "trust_remote_code", "data",
                                  "data_label", "text_field", "samples", "seq_len", "batch_size",
-                                 "cka_estimator", "seed", "skip_first")
+                                 "cka_estimator", "seed", "skip_first", "sublayers", "bootstrap", "ci_level",
+                                 "rank_k", "last_state", "block_distance")
 
 
 def test_dashboard_defaults_are_the_merge_that_measured_best():

@@ -83,3 +83,15 @@ def test_evaluate_settings_travel_in_share_links():
                "ev_seq_len": "x", "ev_mmlu": "1000", "ev_subjects": "not_a_subject", "ev_current": "yes",
                "ev_heal": "1e9"}
     assert sweep_from_query(hostile, strategies, subjects) == SweepSettings()
+
+
+def test_lm_eval_task_names_travel_in_share_links_but_never_paths():
+    strategies, subjects = ("bi", "reverse"), ("astronomy",)
+    s = SweepSettings(tasks="hellaswag,arc_easy")
+    q = to_query(AnalysisSettings.quick(), None, s)
+    assert q["ev_tasks"] == "hellaswag,arc_easy"
+    assert sweep_from_query(q, strategies, subjects) == s
+    local = SweepSettings(tasks="/home/me/task.yaml,arc_easy")
+    assert sweep_query(local)["ev_tasks"] == "arc_easy"  # a local file path stays on this machine
+    hostile = sweep_from_query({"ev_tasks": "../../etc/x.yaml,<script>,piqa"}, strategies, subjects)
+    assert hostile.tasks == "piqa"

@@ -162,25 +162,6 @@ def test_mmlu_multi_token_letters_match_reference(llama, questions):
     assert result.n == len(qs) and 0.0 < result.mean_prob_correct < 1.0
 
 
-@pytest.fixture(scope="module")
-def letter_tokenizer(tmp_path_factory):
-    """A 512-token byte-level BPE (same vocab size as the tiny models) where " A".." D" are single tokens."""
-    from tiny_models import training_text
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    lines = training_text().splitlines() + [f"Answer: {x}" for x in "ABCD"] * 2000
-    tok.train_from_iterator(lines, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<pad>")
-    return fast
-
-
 def test_mmlu_single_token_fast_path_matches_reference(llama, questions, letter_tokenizer):
     m, t = llama.model, letter_tokenizer
     assert all(len(encode_pair(t, "Answer:", f" {x}")[1]) == 1 for x in "ABCD")
@@ -196,7 +177,10 @@ def test_mmlu_few_shot_matches_reference(llama, questions, letter_tokenizer):
     qs, dev = list(questions)[:6], list(questions)
     result = mmlu(llama.model, letter_tokenizer, qs, shots=2, dev=dev, batch_size=4)
     assert result.shots == 2
-    _check_against_reference(llama.model, letter_tokenizer, qs, result, shots=2, dev=dev)
+    examples = {q for s in {q.subject for q in qs} for q in [d for d in dev if d.subject == s][:2]}
+    scored = [q for q in qs if q not in examples]  # a question that is a few-shot example is not scored
+    assert result.fewshot_excluded == len(qs) - len(scored) > 0
+    _check_against_reference(llama.model, letter_tokenizer, scored, result, shots=2, dev=dev)
     with pytest.raises(DataError, match="dev set"):
         mmlu(llama.model, letter_tokenizer, qs, shots=1)
 

@@ -16,16 +16,18 @@ TOY = "every_other_top"  # registered by the toy_strategy fixture (conftest)
 def test_builtin_table_is_complete_and_consistent():
     names = strategy_names()
     assert names == ("bi", "reverse", "sequential", "magnitude", "random", "block", "streamline", "slm", "laco",
-                     "manual")
+                     "oracle", "attn_bi", "mlp_bi", "finercut", "manual")
     assert strategy_names(sweep_default=True) == ("bi", "reverse", "sequential", "magnitude")
     assert strategy_names(on_prune_page=True) == ("bi", "reverse", "sequential", "magnitude", "block",
-                                                  "streamline")
+                                                  "streamline", "attn_bi", "mlp_bi")
     assert strategy_names(contiguous=True) == ("block", "streamline")
     colors = [get_strategy(n).color for n in names]
     assert len(set(colors)) == len(colors)
     slm = get_strategy("slm")
     assert slm.uses_report("cka") and not slm.uses_report("output") and slm.uses_data("output")
     assert not get_strategy("reverse").uses_report() and get_strategy("laco").uses_data()
+    oracle = get_strategy("oracle")  # greedy by measured damage: forward passes, sized by a ratio (a sweep curve)
+    assert oracle.uses_data() and not oracle.uses_report() and oracle.sweepable and not oracle.on_prune_page
 
 
 def test_param_ranges_are_checked_with_the_parameter_name():

@@ -1,0 +1,93 @@
+"""--max-memory / --layerwise on analyze, eval, sweep and prune: the same files and numbers as in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerlens import cli
+from layerlens.plans import PrunePlan
+
+DATA = Path(__file__).parents[1] / "data"
+MMLU = str(DATA / "mmlu_sample.jsonl")
+TEXT = str(DATA / "shakespeare_sample.txt")
+DATA_ARGS = ["--samples", "8", "--seq-len", "48", "--batch-size", "3", "--device", "cpu", "--dtype", "float32"]
+EVAL_ARGS = ["--ppl-data", TEXT, "--max-windows", "3", "--mmlu", MMLU, "--mmlu-limit", "1"]
+
+
+def run(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def test_analyze_over_the_budget_runs_layerwise_with_the_same_report(tiny_llama, tmp_path):
+    runs = ["--runs-dir", tmp_path / "runs"]
+    assert run("analyze", "--model", tiny_llama, *DATA_ARGS, *runs, "--out", tmp_path / "mem") == 0
+    assert run("analyze", "--model", tiny_llama, *DATA_ARGS, *runs, "--max-memory", "1GB",
+               "--out", tmp_path / "fits") == 0
+    assert run("analyze", "--model", tiny_llama, *DATA_ARGS, *runs, "--max-memory", "100KB",
+               "--out", tmp_path / "lw") == 0
+    mem, fits, lw = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("mem", "fits", "lw"))
+    assert mem["meta"]["execution"] == fits["meta"]["execution"] == "in_memory"
+    assert lw["meta"]["execution"] == "layerwise" and lw["meta"]["layerwise"]["bytes_read"] > 0
+    assert lw["meta"]["layerwise"]["spill_bytes"] > 0
+    assert not list((tmp_path / "runs" / "layerwise").iterdir())  # spilled in the runs folder, then removed
+    for name, tol in (("bi", 1e-4), ("cosine", 1e-4), ("magnitude", 1e-4), ("cka", 2e-3)):
+        assert np.allclose(np.array(mem[name]), np.array(lw[name]), atol=tol), name
+
+
+def test_eval_layerwise_with_a_plan_equals_in_memory(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("gpt2")
+    plan = PrunePlan(6, "merge", merge=((2, 3),), merge_formula="mean")
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    common = ["--model", path, "--device", "cpu", "--dtype", "float32", "--seq-len", "48", *EVAL_ARGS,
+              "--plan", tmp_path / "plan.json", "--runs-dir", tmp_path / "runs"]
+    assert run("eval", *common, "--out", tmp_path / "mem") == 0
+    assert run("eval", *common, "--layerwise", "--out", tmp_path / "lw") == 0
+    mem, lw = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("mem", "lw"))
+    assert lw["meta"]["execution"] == "layerwise" and mem["meta"]["execution"] == "in_memory"
+    assert lw["perplexity"] == pytest.approx(mem["perplexity"], rel=1e-6)
+    assert lw["mmlu"]["accuracy"] == mem["mmlu"]["accuracy"]
+    if mem.get("kl") is not None:  # KL(original || pruned) and top-1 agreement from the same pass
+        assert lw["kl"] == pytest.approx(mem["kl"], rel=1e-5) and lw["top1_agreement"] == mem["top1_agreement"]
+    assert lw["mmlu"]["mean_prob_correct"] == pytest.approx(mem["mmlu"]["mean_prob_correct"], abs=1e-6)
+
+
+def test_prune_layerwise_writes_the_same_model(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen2")
+    common = ["--model", path, "--device", "cpu", "--dtype", "float32", "--strategy", "bi", "--n", "2",
+              *DATA_ARGS[:6], "--runs-dir", tmp_path / "runs"]
+    assert run("prune", *common, "--out", tmp_path / "mem") == 0
+    assert run("prune", *common, "--max-memory", "64KB", "--out", tmp_path / "lw") == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "lw").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mem, lw = (json.loads((tmp_path / d / "layerlens_plan.json").read_text()) for d in ("mem", "lw"))
+    assert mem["plan"]["remove"] == lw["plan"]["remove"]
+    assert lw["meta"]["execution"] == "layerwise" and mem["meta"]["execution"] == "in_memory"
+
+
+def test_sweep_layerwise_rows_equal_in_memory(tiny_llama, tmp_path):
+    common = ["--model", tiny_llama, *DATA_ARGS, *EVAL_ARGS, "--strategies", "bi,reverse",
+              "--ratios", "0,0.34", "--runs-dir", tmp_path / "runs"]
+    assert run("sweep", *common, "--out", tmp_path / "mem") == 0
+    assert run("sweep", *common, "--layerwise", "--out", tmp_path / "lw") == 0
+    mem, lw = (pd.read_csv(tmp_path / d / "sweep.csv") for d in ("mem", "lw"))
+    assert list(mem.removed_layers.fillna("")) == list(lw.removed_layers.fillna(""))
+    assert np.allclose(mem.perplexity, lw.perplexity, rtol=1e-6)
+    assert np.allclose(mem.mmlu_accuracy, lw.mmlu_accuracy)
+    assert json.loads((tmp_path / "lw" / "sweep.json").read_text())["meta"]["execution"] == "layerwise"
+
+
+def test_layerwise_refusals_name_the_flags(tiny_llama, tmp_path, capsys):
+    rc = run("analyze", "--model", tiny_llama, *DATA_ARGS, "--max-memory", "lots", "--out", tmp_path / "x")
+    assert rc == 2 and "--max-memory" in capsys.readouterr().err
+    rc = run("prune", "--model", tiny_llama, "--device", "cpu", "--layerwise", "--strategy", "streamline", "--n", "1",
+             "--replace", "ffn", "--out", tmp_path / "y")
+    err = capsys.readouterr().err
+    assert rc == 2 and "--replace" in err and "--max-memory" in err
