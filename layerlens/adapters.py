@@ -17,6 +17,7 @@ are norms that only feed (or only follow) that sublayer, skipped with it when it
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -179,9 +180,13 @@ def mid_residual_path(model: nn.Module) -> str | None:
 
 def sublayer_params(model: nn.Module) -> tuple[tuple[int, int], ...]:
     """Per decoder layer: (attention parameters, MLP parameters) -- what dropping each sublayer removes."""
-    adapter = adapter_for(model)
+    return layer_sublayer_params(adapter_for(model), decoder_layers(model))
+
+
+def layer_sublayer_params(adapter: ArchAdapter, layers: Iterable[nn.Module]) -> tuple[tuple[int, int], ...]:
+    """:func:`sublayer_params` of these decoder ``layers`` (meta tensors count too: only sizes are read)."""
     out = []
-    for layer in decoder_layers(model):
+    for layer in layers:
         counts = []
         for paths in ((adapter.attention,), tuple(adapter.mlp.split(","))):
             total = 0

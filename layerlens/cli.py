@@ -43,10 +43,12 @@ FLAGS = {
 }
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, repeat: bool = False) -> None:
+    """The model flags; ``repeat``: --model may be given several times (a list, None when not given)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="default",
-                   help="local folder, hub id (org/name), or 'default' (bundled SmolLM2-135M)")
+    g.add_argument("--model", default=None if repeat else "default", action="append" if repeat else "store",
+                   help="local folder, hub id (org/name), or 'default' (bundled SmolLM2-135M)"
+                        + ("; repeat it to study several models" if repeat else ""))
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
@@ -55,11 +57,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run the model repository's own code (only for authors you trust)")
 
 
-def add_data_args(p: argparse.ArgumentParser, *, samples: int = 64, seq_len: int = 256) -> None:
+def add_data_args(p: argparse.ArgumentParser, *, samples: int = 64, seq_len: int = 256, repeat: bool = False) -> None:
+    """The calibration flags; ``repeat``: --data may be given several times (a list, None when not given)."""
     g = p.add_argument_group("calibration data")
-    g.add_argument("--data", default="default",
+    g.add_argument("--data", default=None if repeat else "default", action="append" if repeat else "store",
                    help="'default' (bundled Shakespeare), 'prose', a .txt/.jsonl/.json/.csv/.parquet file, "
-                        "or a hub dataset name[:config][:split]")
+                        "or a hub dataset name[:config][:split]" + ("; repeat it to study several" if repeat else ""))
     g.add_argument("--text-field", default="text", help="field/column holding the text")
     g.add_argument("--samples", type=int, default=samples, help="number of calibration texts")
     g.add_argument("--seq-len", type=int, default=seq_len, help="tokens per text (longer texts truncated)")

@@ -17,6 +17,7 @@ perplexity runs only from its first changed layer, on the original's recorded la
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import threading
@@ -30,10 +31,10 @@ import torch
 
 from . import surgery
 from .adapters import decoder_layers
-from .data import TextSet, load_texts, pad_id
+from .data import TextSet, check_seq_len, load_texts, pad_id
 from .errors import LayerLensError
 from .evaluation import PerplexityTask, check_window, model_device, plain_forward
-from .loading import dtype_name
+from .loading import dtype_name, max_positions
 from .prefix_reuse import first_affected_layer, recording, state_bytes, tail_forward
 
 QUICK_WINDOWS = 4  # held-out perplexity windows
@@ -356,9 +357,32 @@ def quick_compare(model: Any, tokenizer: Any, plan: Any, prompt: str, *, baselin
                            speedup=speedup, paired=paired)
 
 
+def layerwise_quick(lw: Any, plan: Any, progress: ProgressFn | None = None) -> dict[str, dict[str, Any]]:
+    """Apply's quick numbers for a model that runs layer by layer (:class:`layerlens.layerwise.LayerwiseModel`):
+    :func:`quick_perplexity`'s windows scored on the original and on the model pruned by ``plan``, in one pass
+    over the weights, plus mean token KL(original ‖ pruned) and top-1 agreement. Shaped like
+    :meth:`QuickComparison.to_dict`; generation speed and text need the whole model in memory, so they are
+    None (``generation_measured`` False), never estimated."""
+    from .plans import PrunePlan
+
+    progress = progress or _noop
+    check_seq_len(QUICK_SEQ_LEN, max_positions(lw.config))
+    task = copy.copy(quick_task(lw.tokenizer))  # the very windows of the in-memory check; the cached task
+    task.kl, task.reference = True, None  # stays unchanged (the reference goes on this copy)
+    progress(0, lw.num_layers, f"Original and pruned model, layer by layer: perplexity on {QUICK_WINDOWS} windows")
+    (original, pruned), = lw.evaluate([task], [PrunePlan(lw.num_layers, "remove"), plan], progress=progress)
+    progress(lw.num_layers, lw.num_layers, "Done")
+    same = {"windows": QUICK_WINDOWS, "seq_len": QUICK_SEQ_LEN, "generation": None, "tokens_per_s": None,
+            "generation_measured": False, "execution": "layerwise"}
+    return {"original": same | {"perplexity": float(original.perplexity)},
+            "pruned": same | {"perplexity": float(pruned.perplexity), "kl": pruned.kl,
+                              "top1_agreement": pruned.top1_agreement, "surgery_s": None, "speedup": None,
+                              "speedup_paired": None}}
+
+
 __all__ = [
     "BASELINE_MAX_BYTES", "QUICK_NEW_TOKENS", "QUICK_SEQ_LEN", "QUICK_SPEED", "QUICK_WINDOWS", "Baseline",
-    "ProgressFn", "QuickComparison", "QuickNumbers", "Speed", "SpeedSettings", "eval_texts", "generation_speed",
+    "ProgressFn", "QuickComparison", "QuickNumbers", "Speed", "SpeedSettings", "eval_texts", "generation_speed", "layerwise_quick",
     "measure_generation", "measure_original", "quick_baseline", "quick_compare", "quick_perplexity", "quick_task",
     "quick_threads",
     "timing_threads",

@@ -132,21 +132,35 @@ class SweepWorker:
     so that every finished point can be collected (:meth:`next`) while the next one computes."""
 
     def __init__(self, spec: ModelSpec, device: str, threads: int, point_delay: float = 0.0) -> None:
-        from .loading import load_model
-        from .surgery import private_view
-
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.threads = threads
         if threads:
             torch.set_num_threads(threads)
-        loaded = load_model(spec.source, revision=spec.revision, dtype=spec.dtype, device=device,
+        self.device = device
+        self.spec: ModelSpec | None = None
+        self.point_delay = point_delay
+        self.tasks: dict[str, Any] = {}
+        self.out: queue.Queue = queue.Queue()
+        self._use(spec)
+
+    def _use(self, spec: ModelSpec) -> None:
+        """Hold the model of ``spec`` (a study's items name theirs): kept while items of that model come,
+        replaced (one model in memory at a time) when an item names another."""
+        if spec == self.spec:
+            return
+        from .loading import load_model
+        from .surgery import private_view
+
+        self.model = self.tokenizer = self.spec = None  # free the previous model before loading the next
+        self.tasks.clear()  # tasks hold references to the previous model's output head
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        loaded = load_model(spec.source, revision=spec.revision, dtype=spec.dtype, device=self.device,
                             trust_remote_code=spec.trust_remote_code)
         self.model = private_view(loaded.model).eval()
         self.tokenizer = loaded.tokenizer
         self.fingerprint = model_fingerprint(self.model)
-        self.point_delay = point_delay
-        self.tasks: dict[str, Any] = {}
-        self.out: queue.Queue = queue.Queue()
+        self.spec = spec
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "fingerprint": self.fingerprint,
@@ -186,6 +200,14 @@ class SweepWorker:
         try:
             if self.threads:
                 torch.set_num_threads(self.threads)
+            if item.get("spec") is not None and item["spec"] != self.spec:  # a study's next model
+                self._use(item["spec"])
+                mine = {k: v for k, v in self.fingerprint.items() if k != "device"}
+                if mine != item["expected"]:
+                    out.put(("refused", f"The Ray worker on {socket.gethostname()} loaded '{self.spec.source}' "
+                             "with other weights, config or dtype than the model this sweep started with; give "
+                             "every worker the same model files."))
+                    return
             tasks = [self._task(r[0]) for r in item["tasks"]]
             triples = zip(item["task_of"], item["plans"], item["keys"], strict=True)
             units = [_Unit(tasks[ti], plan, key) for ti, plan, key in triples]
@@ -230,6 +252,7 @@ class _Item:
 class _Actor:
     handle: Any
     info: dict[str, Any] | None = None
+    spec: ModelSpec | None = None  # the model it was started with (it switches when an item names another)
 
 
 class RayExecutor:
@@ -293,6 +316,11 @@ class RayExecutor:
         self.device_type = "cuda" if gpus >= 1 and self.gpus is not False else "cpu"
         return ray
 
+    def use(self, spec: ModelSpec) -> None:
+        """Compute the next sweeps' points with the model of ``spec`` (a study: several models, one after
+        another). Running actors are kept; each loads the new model at its first item of it, and keeps it."""
+        self.spec = spec
+
     def key_identity(self, identity: dict[str, Any]) -> dict[str, Any]:
         """The model identity the sweep keys points by: the driver's, on the workers' device type."""
         self._connect()
@@ -315,7 +343,7 @@ class RayExecutor:
         remote = self._remote.options(**options)
         handle = remote.remote(self.spec, self.device_type, self.cpus_per_worker, self.point_delay)
         self._serial += 1
-        self.actors[self._serial] = _Actor(handle)
+        self.actors[self._serial] = _Actor(handle, spec=self.spec)
         return self._serial, handle.ready.remote()
 
     def _kill(self, serial: int) -> None:
@@ -384,7 +412,8 @@ class RayExecutor:
 
         def payload(item: _Item) -> dict[str, Any]:
             units = item.units
-            out = {"kind": item.kind, "plans": [u.plan for u in units], "keys": [u.key for u in units]}
+            out = {"kind": item.kind, "plans": [u.plan for u in units], "keys": [u.key for u in units],
+                   "spec": self.spec, "expected": expected}
             if item.kind == "task":
                 ti = task_of[id(units[0].task)]
                 return out | {"tasks": [[refs[ti]]], "task_of": [0] * len(units), "config": config}
@@ -457,7 +486,7 @@ class RayExecutor:
                         last_death = _reason(exc)
                         continue
                     mine = {k: v for k, v in info["fingerprint"].items() if k != "device"}
-                    if mine != expected:
+                    if mine != expected and self.actors[serial].spec == self.spec:  # else checked at its first item
                         raise LayerLensError(
                             f"The Ray worker on {info['host']} loaded '{self.spec.source}' with other weights, "
                             "config or dtype than the model this sweep started with; give every worker the "
@@ -481,6 +510,8 @@ class RayExecutor:
                         unit.result, unit.seconds = result, seconds
                         item.done.add(i)
                         persist(unit)
+                    elif entry[0] == "refused":
+                        raise LayerLensError(entry[1])
                     elif entry[0] == "done":
                         finished = True
                         if entry[1] is not None:

@@ -12,7 +12,6 @@ from dataclasses import replace
 import streamlit as st
 
 from layerlens import humanize
-from layerlens.adapters import sublayer_params
 from layerlens.compare import QUICK_WINDOWS
 from layerlens.dashboard.planning import PLAN_MODE_LABELS, PLAN_MODES, build_plan, params_after
 from layerlens.plans import FORMULA_NOTES, MERGE_FORMULAS, label_of, plan_summary, strategy_names
@@ -142,7 +141,7 @@ m1, m2, m3, m4 = st.columns(4)
 if plan is not None:
     total = shared.info.num_parameters
     after = params_after(total, shared.per_layer_params, plan,
-                         sublayer_params(shared.model) if plan.has_sublayers else None)
+                         shared.sublayer_params() if plan.has_sublayers else None)
     m1.metric("Layers", f"{plan.num_layers_after} / {L}", delta=f"-{plan.n_removed}" if plan.n_removed else "0",
               delta_color="off")
     m2.metric("Pruning ratio", humanize.percent(plan.ratio),
@@ -196,9 +195,12 @@ with st.container(border=True):
         st.caption("The plan removes no layer yet: move a slider or pick layers.")
     if apply and plan is not None:
         with errors.guarded("applying the plan"), resources.quick_progress("Pruning and measuring") as progress:
-            resources.wait_original(model_key, prompt, progress)
-            new_model = resources.apply_only(shared, plan)
-            both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt, progress)
+            if shared.layerwise:  # over the memory: both perplexities in one layer-by-layer pass, no model kept
+                new_model, both = None, resources.cached_layerwise_quick(shared, model_key, plan.to_json(), progress)
+            else:
+                resources.wait_original(model_key, prompt, progress)
+                new_model = resources.apply_only(shared, plan)
+                both = resources.cached_quick_compare(shared, model_key, plan.to_json(), prompt, progress)
             quick, original = both["pruned"], both["original"]
             ss[keys.SS_PRUNED] = {"plan_json": plan.to_json(), "plan": plan, "model": new_model, "quick": quick,
                                 "original": original, "prompt": prompt}
@@ -215,17 +217,27 @@ with st.container(border=True):
         a1, a2, a3 = st.columns(3)
         widgets.perplexity_metric(a1, q, o)
         widgets.speed_metric(a2, q, o, verdict)
-        a3.metric("Surgery time", humanize.seconds(q.get("surgery_s")))
+        if q.get("generation_measured") is False:  # layer by layer: KL in the pass, no model to time
+            a3.metric("KL to the original", humanize.number(q.get("kl")),
+                      help="Mean token KL(original ‖ pruned) in nats on the same windows; top-1 agreement "
+                           f"{humanize.percent(q.get('top1_agreement'))}")
+        else:
+            a3.metric("Surgery time", humanize.seconds(q.get("surgery_s")))
         st.caption(widgets.quick_basis(q))
         with errors.guarded("measuring plain removal"), st.spinner("Measuring plain removal of as many layers…"):
             widgets.merge_vs_removal(pruned["plan"], q, shared, session.current_settings().model_key(), report)
-        g1, g2 = st.columns(2)
-        with g1, st.container(border=True):
-            st.markdown(f"**Original** ({L} layers)")
-            st.text(pruned["prompt"] + o["generation"])
-        with g2, st.container(border=True):
-            st.markdown(f"**Pruned** ({pruned['plan'].num_layers_after} layers)")
-            st.text(pruned["prompt"] + q["generation"])
+        if o.get("generation") is None:  # layer by layer: generating needs the whole model in memory
+            st.info("Generation speed and text are not measured in layer-by-layer mode: generating needs the "
+                    "whole model in memory, which this one does not fit. Save the pruned model on **Export** "
+                    "and run it where it fits (it may fit here once pruned).", icon=":material/info:")
+        else:
+            g1, g2 = st.columns(2)
+            with g1, st.container(border=True):
+                st.markdown(f"**Original** ({L} layers)")
+                st.text(pruned["prompt"] + o["generation"])
+            with g2, st.container(border=True):
+                st.markdown(f"**Pruned** ({pruned['plan'].num_layers_after} layers)")
+                st.text(pruned["prompt"] + q["generation"])
         widgets.history_table()
         st.page_link("pages/7_heal.py", label="Heal the pruned model (LoRA, distillation from the original) on "
                      "**Heal**", icon=":material/healing:")

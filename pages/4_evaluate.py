@@ -85,8 +85,13 @@ with st.container(border=True):
         guess = (f"Estimated time: **about {rough_seconds(estimate.seconds)}** for "
                  f"{len(estimate.unit_seconds)} evaluations{healing} ({how}; points finished earlier are read back "
                  "at once). ")
-    b2.caption(guess + "Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep "
-               "again resumes where it stopped.")
+    if shared.layerwise:
+        b2.caption("This model runs layer by layer: every point is computed in one pass over the weights, in this "
+                   "process (no time estimate). The points are saved when the pass ends and read back by a later "
+                   "sweep; **Stop** discards the pass in progress.")
+    else:
+        b2.caption(guess + "Finished points are saved as they complete; **Stop** keeps them and pressing Run sweep "
+                   "again resumes where it stopped.")
 
 stopped = ss.pop(keys.SS_SWEEP_STOPPED, False)
 settings = session.current_settings()

@@ -44,8 +44,14 @@ def _save(model, applied, target, heal=None) -> None:
         # Provenance records only what the plan used: the report's data for a report plan.
         from_report = get_strategy(applied.strategy).uses_report(applied.params.get("criterion"))
         used = report.data_provenance() if from_report else {"data": None}
-        save_pruned(model, shared.tokenizer, applied, target, report=report if from_report else None,
-                    meta={"source_model": info, **used}, heal=heal)
+        if model is None and shared.layerwise:  # over the memory: written tensor by tensor, same folder layout
+            from layerlens.layerwise_export import export_pruned
+
+            export_pruned(shared.loaded, applied, target, report=report if from_report else None,
+                          meta={"source_model": info, **used})
+        else:
+            save_pruned(model, shared.tokenizer, applied, target, report=report if from_report else None,
+                        meta={"source_model": info, **used}, heal=heal)
     ss[keys.SS_SAVED_MODEL] = str(target)
     st.success(f"Saved to {target}. Load it with AutoModelForCausalLM.from_pretrained('{target}').",
                icon=":material/check_circle:")

@@ -10,7 +10,6 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from layerlens import humanize
-from layerlens.adapters import sublayer_params
 from layerlens.dashboard.mmlu import mmlu_comparison
 from layerlens.dashboard.planning import params_after, plan_reason
 from layerlens.dashboard.share import to_query
@@ -79,7 +78,7 @@ with st.container(border=True):
 # ---- what it costs, what it saves -------------------------------------------------------------------------
 total = shared.info.num_parameters
 after = params_after(total, shared.per_layer_params, plan,
-                     sublayer_params(shared.model) if plan.has_sublayers else None)
+                     shared.sublayer_params() if plan.has_sublayers else None)
 cost, save = st.columns(2, border=True)
 with cost:
     st.markdown("**What it costs in quality**")

@@ -28,6 +28,13 @@ report = jobs.report_page(__file__, "Heal")
 ss = st.session_state
 
 shared = jobs.model_or_stop()
+if shared.layerwise:  # training cannot run one layer at a time from disk
+    st.info("Healing cannot run in layer-by-layer mode: it trains the pruned model with the original as teacher, "
+            "so both must be in memory, and this model does not fit here. Save the pruned model on **Export** "
+            "(written layer by layer) and heal it with `layerlens heal` on a machine where it fits (a pruned "
+            "model may fit here: open the saved folder on **Model & data**).", icon=":material/info:")
+    st.page_link("pages/5_export.py", label="Go to Export", icon=":material/save:")
+    session.stop_page()
 
 pruned = ss.get(keys.SS_PRUNED)
 if pruned is None:

@@ -19,7 +19,7 @@ from typing import Any
 import streamlit as st
 
 from layerlens import compare, surgery
-from layerlens.adapters import decoder_layers
+from layerlens.adapters import decoder_layers, layer_sublayer_params, sublayer_params
 from layerlens.dashboard.paths import check_model_spec, check_upload, confine_path
 from layerlens.dashboard.settings import AnalysisSettings
 from layerlens.data import load_texts
@@ -53,6 +53,12 @@ class SharedModel:
                                  "only in the dashboard); use the CLI's `layerwise` mode for evaluation, sweeps "
                                  "and export, or a smaller model or `dtype=bfloat16`.")
         return self.loaded.model
+
+    def sublayer_params(self) -> tuple[tuple[int, int], ...]:
+        """Per decoder layer: (attention, MLP) parameters; layer by layer, counted on the empty skeleton."""
+        if not self.layerwise:
+            return sublayer_params(self.model)
+        return layer_sublayer_params(self.loaded.adapter, self.loaded.templates)  # meta tensors: sizes only
 
     @property
     def tokenizer(self) -> Any:
@@ -263,7 +269,7 @@ def prewarm_original(shared: SharedModel, model_key: tuple, prompt: str) -> None
             logging.getLogger(__name__).warning("measuring the original model in the background failed",
                                                 exc_info=True)
 
-    if prompt.strip():
+    if prompt.strip() and not shared.layerwise:  # layer by layer: Apply measures both sides in one pass
         store.start_once(key, work)
 
 
@@ -289,6 +295,21 @@ def cached_quick_compare(shared: SharedModel, model_key: tuple, plan_json: str, 
         store.put(original_key, comparison.original)
     result = comparison.to_dict()
     store.put(done_key, result)
+    return result
+
+
+def cached_layerwise_quick(shared: SharedModel, model_key: tuple, plan_json: str,
+                           progress: compare.ProgressFn | None = None) -> dict[str, Any]:
+    """Apply's numbers for a model that runs layer by layer (:func:`layerlens.compare.layerwise_quick`: the
+    quick windows' perplexity of the original and the pruned model in one pass, KL, top-1; no generation),
+    computed once per model + plan."""
+    store = quick_store()
+    done_key = ("compare", model_key, plan_json, "layerwise")
+    result = store.get(done_key)
+    if result is None:
+        with model_lock(shared):
+            result = compare.layerwise_quick(shared.loaded, PrunePlan.from_json(plan_json), progress=progress)
+        store.put(done_key, result)
     return result
 
 

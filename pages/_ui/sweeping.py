@@ -14,6 +14,7 @@ import streamlit as st
 
 from layerlens.dashboard import store, sweeps
 from layerlens.data import calibration_tokens, load_texts
+from layerlens.errors import LayerLensError
 from layerlens.harness import parse_tasks
 from layerlens.heal import HealConfig
 from layerlens.plans import get_strategy
@@ -103,6 +104,8 @@ def sweep_timing(shared: SharedModel) -> sweeps.SweepTiming:
 
 def sweep_estimate(shared: SharedModel, report: Any, sweep: sweeps.SweepSettings, current_plan: Any) -> Any:
     """The estimated seconds of every evaluation of this sweep (:class:`layerlens.dashboard.sweeps.SweepEstimate`)."""
+    if shared.layerwise:  # timing a window needs the model in memory; a layer-by-layer sweep has no estimate
+        return None
     timing = sweep_timing(shared)
     tokens = _mmlu_tokens(shared, tuple(current_settings().model_key()), sweep.mmlu_per_subject,
                           sweep.subjects) if sweep.mmlu else 0
@@ -145,6 +148,23 @@ def collect_stopped_sweep(key: str, timeout: float = 600.0) -> bool:
     return True
 
 
+def _check_layerwise(s: sweeps.SweepSettings, run_on: str) -> None:
+    """Refuse, in one sentence each, what a layer-by-layer sweep cannot do (it needs the model in memory)."""
+    if run_on != sweeps.RUN_ON[0]:
+        raise LayerLensError(f"This model runs layer by layer (it does not fit in memory here), so the sweep runs "
+                             f"in this process: choose **{sweeps.RUN_ON[0]}** under Run on, not Ray.")
+    probed = [n for n in s.strategies if get_strategy(n).uses_data()]
+    if probed:
+        raise LayerLensError(f"Strategies that probe the model with forward passes ({', '.join(probed)}) need it "
+                             "in memory; this one runs layer by layer, so leave them out of the sweep.")
+    if s.heal_seconds:
+        raise LayerLensError("Healing needs the model in memory; this one runs layer by layer, so set "
+                             "`heal` (Heal every point for) to 0.")
+    if s.tasks:
+        raise LayerLensError("lm-eval tasks run the whole model in the harness; this one runs layer by layer, "
+                             "so leave `tasks` empty (perplexity, KL and MMLU work).")
+
+
 def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweeps.SweepSettings, *,
                          current_plan: Any, key: str, estimate: Any) -> Any:
     from layerlens.sweep import sweep  # at call time: tests replace it to interrupt a sweep
@@ -154,6 +174,8 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
     s = sweep_settings
     ppl_texts = load_texts("default", role="eval")
     questions = _questions(s) if s.mmlu else None
+    if shared.layerwise:
+        _check_layerwise(s, ss.get(RUN_ON_KEY, sweeps.RUN_ON[0]))
     if any(get_strategy(n).uses_data() for n in s.strategies):
         with st.spinner("Finding the oracle's removals (each step measures every remaining layer's damage)…"), \
                 model_lock(shared, quiet=True):
@@ -193,25 +215,37 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
                     model_id=shared.info.to_dict(), executor=executor)
         if executor is not None:
             bar.progress(0.0, text=f"Starting the Ray workers ({run_on}; each loads the model once)…" + guess)
-        with model_lock(shared, status):
-            try:
-                result = sweep(shared.model, shared.tokenizer, report, config, progress=progress, **same)
-                frame = result.frame
-            except BaseException:  # Stop (Streamlit's StopException), another widget, or an error
-                partial = None
+        if shared.layerwise:  # over the memory: every point in one pass over the weights, points persisted
+            from layerlens.layerwise import sweep as layerwise_sweep
+
+            def layer_progress(done: int, total: int, label: str) -> None:
+                bar.progress(min(done / max(total, 1), 1.0), text=f"Layer by layer, every point in one pass: "
+                             f"{label} · {time.perf_counter() - t0:.0f} s")
+
+            same.pop("executor")
+            with model_lock(shared, status):
+                result = layerwise_sweep(shared.loaded, report, config, progress=layer_progress, **same)
+            frame = result.frame
+        else:
+            with model_lock(shared, status):
                 try:
-                    partial = sweep(shared.model, shared.tokenizer, report, config, compute=False, **same).frame
-                except Exception:  # noqa: BLE001 - never hide the interruption behind a read-back problem
-                    log.warning("could not read back the finished sweep points:\n%s", traceback.format_exc())
-                if partial is not None and len(partial):
-                    partial.attrs["stopped"] = True  # the page says it is incomplete
-                    if questions is not None:
-                        partial["mmlu_questions"] = len(questions)
-                    partials[key] = partial
-                raise
-            finally:
-                if executor is not None:
-                    executor.close()  # the actors (and the models they hold) go; a local Ray stays up
+                    result = sweep(shared.model, shared.tokenizer, report, config, progress=progress, **same)
+                    frame = result.frame
+                except BaseException:  # Stop (Streamlit's StopException), another widget, or an error
+                    partial = None
+                    try:
+                        partial = sweep(shared.model, shared.tokenizer, report, config, compute=False, **same).frame
+                    except Exception:  # noqa: BLE001 - never hide the interruption behind a read-back problem
+                        log.warning("could not read back the finished sweep points:\n%s", traceback.format_exc())
+                    if partial is not None and len(partial):
+                        partial.attrs["stopped"] = True  # the page says it is incomplete
+                        if questions is not None:
+                            partial["mmlu_questions"] = len(questions)
+                        partials[key] = partial
+                    raise
+                finally:
+                    if executor is not None:
+                        executor.close()  # the actors (and the models they hold) go; a local Ray stays up
         slot.empty()
         elapsed = time.perf_counter() - t0
         status.update(label=f"Sweep done: {len(frame)} points in {elapsed:.0f} s" + guess.replace("(", "(was "),

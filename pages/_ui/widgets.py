@@ -76,6 +76,10 @@ def speed_metric(col: Any, quick: Mapping[str, Any], original: Mapping[str, Any]
                  label: str = "Generation speed") -> None:
     """Speed after pruning (the median; its spread is in the help, so the value is never cut off); never
     shown as a win beside a degraded or broken model."""
+    if quick.get("generation_measured") is False:  # layer by layer: no model in memory to time, no number
+        col.metric(label, "not measured", help="Generating needs the whole model in memory; this one runs "
+                                               "layer by layer, so no speed is measured.")
+        return
     delta = speed_change(quick, original)
     helptext = f"Pruned: {speed_text(quick)}. Original: {speed_text(original)}."
     value = humanize.tokens_per_s(quick.get("tokens_per_s"))
@@ -136,6 +140,9 @@ def quick_basis(quick: Mapping[str, Any]) -> str:
         speed += f" (± {quick.get('spread', 'spread of the runs')})"
     if quick.get("speedup_paired") is False:
         speed += "; the original's runs were timed earlier (same settings), not interleaved with these"
+    if quick.get("generation_measured") is False:
+        speed = ("both models scored in one layer-by-layer pass; generation not measured (needs the whole model "
+                 "in memory)")
     return (f"Quick check: {ppl}; {speed}. A first impression, not a benchmark: the Evaluate page measures "
             "more text and MMLU.")
 
@@ -149,6 +156,9 @@ def quick_basis(quick: Mapping[str, Any]) -> str:
 def _removal_perplexity(_shared: SharedModel, model_key: tuple, plan_json: str) -> float:
     """Quick perplexity of a removal plan, measured as Apply measures (cached per model + plan)."""
     plan = PrunePlan.from_json(plan_json)
+    if _shared.layerwise:  # over the memory: scored layer by layer, like Apply there
+        with model_lock(_shared, quiet=True):
+            return compare.layerwise_quick(_shared.loaded, plan)["pruned"]["perplexity"]
     with model_lock(_shared, quiet=True):
         return compare.quick_perplexity(surgery.apply_plan(_shared.model, plan), _shared.tokenizer)
 

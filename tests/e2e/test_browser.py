@@ -486,7 +486,9 @@ def test_an_offline_tour_of_the_seven_pages_requests_nothing_from_other_hosts(pa
             nav(page, title)
             page.wait_for_timeout(1500)
             if title == "Evaluate":
-                expect(page.get_by_text("No sweep for these settings yet").first).to_be_visible()
+                # the page may first wait for the Prune page's background measurement of the original (it holds
+                # the model ~5 s after Prune opens) before it times a window for its estimate
+                expect(page.get_by_text("No sweep for these settings yet").first).to_be_visible(timeout=60_000)
                 expect(page.get_by_test_id("stSidebar").get_by_text("This session")).to_be_visible()
                 assert "model=" in page.url and "samples=" in page.url, page.url
                 page.locator(".st-key-ev_windows input").fill("3")
