@@ -456,18 +456,15 @@ class RayExecutor:
                 handle = self.actors[serial].handle
                 handle.submit.remote(payload(item))
                 inflight[handle.next.remote()] = (serial, item)
+            stuck = None  # why the remaining items cannot run: they are given up with this reason
             if not inflight and not starting:
-                reason = f"no Ray worker left ({last_death or 'none could start'})"
+                stuck = f"no Ray worker left ({last_death or 'none could start'})"
+            elif not inflight and time.monotonic() - waited_since > self.start_timeout:
+                stuck = f"no Ray worker started within {self.start_timeout:g} s"
+            if stuck is not None:
                 for item in items:
                     for u in item.rest():
-                        u.error = reason
-                items.clear()
-                break
-            if not inflight and time.monotonic() - waited_since > self.start_timeout:
-                reason = f"no Ray worker started within {self.start_timeout:g} s"
-                for item in items:
-                    for u in item.rest():
-                        u.error = reason
+                        u.error = stuck
                 items.clear()
                 break
             ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=5.0)

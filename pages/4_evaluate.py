@@ -164,4 +164,11 @@ show["ratio"] = (100 * show["ratio"]).round(1)
 columns = ["strategy", "ratio", "n_removed", "removed_layers", *(["healed"] if "healed" in show else []),
            "perplexity", *[c for c in ("kl", "top1_agreement") if c in show], "mmlu_accuracy",
            *[c for c in show.columns if "/" in c], "seconds", "cached"]  # "task/metric": lm-eval tasks
-st.dataframe(show[columns].rename(columns={"ratio": "ratio (%)"}), hide_index=True, width="stretch")
+num = st.column_config.NumberColumn  # display only: the frame keeps full precision (and sorts as numbers)
+st.dataframe(show[columns].rename(columns={"ratio": "ratio (%)"}), hide_index=True, width="stretch",
+             column_config={"ratio (%)": num(format="%.1f"),
+                            "perplexity": num(format="%.4g", help="4 significant digits; lower is better"),
+                            "kl": num("KL (nats/token)", format="%.3f"),
+                            "top1_agreement": num("top-1 agreement", format="percent"),
+                            "mmlu_accuracy": num("MMLU accuracy", format="percent"),
+                            "seconds": num("seconds", format="%.1f")})
