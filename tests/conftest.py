@@ -135,3 +135,13 @@ def letter_tokenizer(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<pad>")
     return fast
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for one test module (2 CPUs, small object store); skips the module without ray."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -41,15 +41,6 @@ SAME = ["strategy", "ratio", "n_removed", "removed_layers", "perplexity", "mmlu_
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
-             configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tiny_model_factory, sample_texts):
     """The tiny llama (float32, CPU, loaded as the workers load it), its report, texts and questions."""
     path = tiny_model_factory("llama")

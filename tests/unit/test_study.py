@@ -103,15 +103,6 @@ def test_a_study_refuses_no_entries_and_duplicates(ppl, models, tmp_path):
         _study([StudyEntry(models[0]), StudyEntry(models[0])], ppl, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
-             configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_the_study_on_ray_equals_the_in_process_one_bit_for_bit(ray_session, in_process, ppl, tmp_path):
     expected, single_runs, entries = in_process
