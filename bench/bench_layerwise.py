@@ -10,6 +10,11 @@ every metric) in three separate processes, each under ``/usr/bin/time -v`` for i
                     offloaded layer's weights again for every batch);
 * ``memory``     -- the plain in-memory load and analysis (the reference numbers; skip with --modes).
 
+``--ram-limit SIZE`` runs the layer-wise and accelerate processes in a memory cgroup of that size, page cache
+included: the box then has less RAM than the model, so pages read once cannot stay cached and every re-read
+goes to the disk (without it the OS caches a model that fits in RAM and accelerate re-reads at memory speed).
+``--cold`` evicts the scratch model from the page cache before each mode. The cgroup needs root (v1 or v2).
+
 Reported: wall seconds, peak RSS, RSS after start-up (Python + torch + transformers + the empty model),
 bytes of weights read (layer-wise: counted; accelerate: offloaded bytes x batches, as its hooks load every
 offloaded weight once per forward), the ratio accelerate / layerwise, and the largest difference of the
@@ -19,6 +24,7 @@ unless --keep. Timings on a shared, loaded box: read them as ratios.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -122,6 +128,11 @@ def child(args) -> None:
     texts = load_texts("default")
     cfg = CaptureConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, bootstrap=0)
     folder = Path(args.work) / "model"
+    import accelerate.hooks  # noqa: F401 -- the code every mode runs, read from disk before the I/O counter
+    import transformers.models.llama.modeling_llama  # noqa: F401 starts, so disk_read counts the model's files
+
+    import layerlens.layerwise  # noqa: F401
+
     t0 = time.perf_counter()
     io0 = _io()
     extra: dict = {}
@@ -172,13 +183,74 @@ def child(args) -> None:
         "magnitude": list(report.magnitude)}), flush=True)
 
 
+def _memory_cgroup(limit: int) -> Path:
+    """A fresh memory cgroup capped at ``limit`` bytes (page cache included); v2 if mounted so, else v1."""
+    root = Path("/sys/fs/cgroup")
+    name = f"layerlens-bench-{os.getpid()}"
+    if (root / "cgroup.controllers").exists():  # cgroup v2
+        cg = root / name
+        cg.mkdir(exist_ok=True)
+        (cg / "memory.max").write_text(str(limit))
+        if (cg / "memory.swap.max").exists():
+            (cg / "memory.swap.max").write_text("0")
+    else:
+        cg = root / "memory" / name
+        cg.mkdir(exist_ok=True)
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+    return cg
+
+
+def _evict_from_page_cache(folder: Path) -> None:
+    """Start a mode with the model's files out of the page cache (code stays cached): every weight's first
+    read comes from the disk, and ``disk_read`` counts weights, not Python modules."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _cgroup_peak(cg: Path) -> int:
+    for name in ("memory.peak", "memory.max_usage_in_bytes"):
+        if (cg / name).exists():
+            return int((cg / name).read_text().split()[0])
+    return 0
+
+
 def run_mode(mode: str, args) -> dict:
+    cg = None
+    if args.ram_limit and mode != "memory":  # the reference in-memory run needs the whole model in RAM
+        from layerlens.layerwise import parse_size
+
+        cg = _memory_cgroup(parse_size(args.ram_limit))
+    if args.cold:
+        _evict_from_page_cache(Path(args.work))
+    try:
+        out = _run_child(mode, args, cg)
+    finally:
+        if cg is not None:
+            out_peak = _cgroup_peak(cg)
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+    if cg is not None:
+        out["cgroup_peak_bytes"] = out_peak  # RSS + page cache of the mode, the figure the RAM limit caps
+    return out
+
+
+def _run_child(mode: str, args, cg: Path | None) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--child", mode]
     for k in ("work", "dtype", "device", "budget", "samples", "seq_len", "batch_size", "threads"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    def enter_cgroup() -> None:
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+                          preexec_fn=enter_cgroup if cg is not None else None)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{mode} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -203,6 +275,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ram-limit", default=None,
+                   help="run layerwise/accelerate in a memory cgroup of this size (page cache included; root)")
+    p.add_argument("--cold", action="store_true", help="evict the model files from the page cache before each mode")
     args = p.parse_args()
     if args.dtype == "auto":
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
@@ -238,6 +313,7 @@ def main() -> None:
         rows.append({"mode": mode, "wall_s": round(r["seconds"], 1), "analyze_s": r["analyze_seconds"],
                      "peak_rss": f"{r['peak_rss_mb']:.0f} MB", "start_rss": f"{r['start_rss_mb']:.0f} MB",
                      "weights_read": human_bytes(r["weights_read"] or 0),
+                     "disk_read": human_bytes(r["disk_read_bytes"] or 0),
                      "max_diff_bi_cos_mag": f"{diff:.1e}", "max_diff_cka": f"{mat:.1e}"})
     if "accelerate" in results and "layerwise" in results:
         a, lw = results["accelerate"], results["layerwise"]
@@ -249,7 +325,7 @@ def main() -> None:
     common.print_table(rows, f"layer-wise vs accelerate offload: {human_bytes(weights)} of weights, budget "
                              f"{args.budget} ({weights / parse_size(args.budget):.1f}x)")
     config = {k: getattr(args, k) for k in ("budget", "layers", "hidden", "intermediate", "vocab", "model_dtype",
-                                            "dtype", "samples", "seq_len", "batch_size", "modes")}
+                                            "dtype", "samples", "seq_len", "batch_size", "modes", "ram_limit", "cold")}
     config.update(weights_bytes=weights, build_seconds=round(build_s, 1))
     for r in results.values():
         for k in ("bi", "cosine", "cka", "magnitude"):

@@ -36,10 +36,13 @@ Export (:func:`layerlens.layerwise_export.export_pruned`) writes a pruned model 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -440,6 +443,7 @@ class LayerwiseModel:
         self._unload(layer)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        _trim_heap()
 
     # -- the embeddings pass -----------------------------------------------------------------------------
     def _sink(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
@@ -577,6 +581,7 @@ class LayerwiseModel:
                         if handle is not None:
                             handle.remove()
                         self.release(layer)
+                    acc.unmap_pages()
                     if progress is not None:
                         progress(o + 1, total, f"layer {o + 1}/{total}")
                 del states, preps
@@ -764,16 +769,34 @@ def _renamings(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``) after a layer is freed.
+
+    A layer's weights and activations are freed blocks of many sizes; glibc keeps them, so without this the
+    process's resident memory creeps up layer after layer (measured: +250-440 MB over 16 layers of a 1.7 GB
+    model, vs +145 MB with it) and the peak says more about the allocator than about the budget."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def _check_plan(plan: Any, num_layers: int, export: bool = False) -> None:
     plan.validate()
     if plan.num_layers != num_layers:
         raise PlanError(f"The plan is for a {plan.num_layers}-layer model but this model has {num_layers} "
                         "layers; make the plan from this model's report.")
     drops = set(getattr(plan, "drop_attn", ())) | set(getattr(plan, "drop_mlp", ()))
-    if drops and (export or drops & set(plan.merge_bases)):
-        raise PlanError("Layer-wise mode does not " + ("export plans that drop attention or MLP sub-layers"
-                        if export else "drop sub-layers of a merged layer") + " yet; load the model in memory "
-                        "(raise `max_memory`).")
+    if drops & set(plan.merge_bases) and not export:  # an export only zeroes the merged output projections
+        raise PlanError("Layer-wise mode does not evaluate a merged layer with dropped sub-layers yet; load the "
+                        "model in memory (raise `max_memory`).")
 
 
 def _hub_folder(repo_id: str, revision: str | None) -> Path:
@@ -858,6 +881,16 @@ class _SpillAccumulators:
                 a = self.gram_offset[first + i]
                 self.grams[s, a:a + n * n] = g.reshape(-1)
 
+    def unmap_pages(self) -> None:
+        """Drop the spill files' pages from this process's mappings (``MADV_DONTNEED`` on a shared file
+        mapping: written data stays in the page cache and on disk, the kernel may evict it). Without this the
+        spill, touched state by state, would count in the process's resident memory up to its full size."""
+        for arr in (self.unit, self.grams):
+            mm = getattr(arr, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                mm.madvise(mmap.MADV_DONTNEED)
+        _trim_heap()
+
     def add_sublayers(self, o: int, b: int, before: torch.Tensor, mid: torch.Tensor, after: torch.Tensor) -> None:
         """Layer ``o``'s attention step (before -> mid) and MLP step (mid -> after), per sample, as
         :class:`layerlens.capture.ResidualCapture` computes them (rows attn_cos, attn_rel, mlp_cos, mlp_rel)."""
@@ -888,13 +921,15 @@ class _SpillAccumulators:
         self.unit.flush()
         self.grams.flush()
         cos_sum = torch.zeros(s, s, dtype=torch.float64)
-        chunk = max(1, (256 << 20) // (s * self.d * 4))  # tokens read back at once
+        chunk = max(1, (32 << 20) // (s * self.d * 4))  # tokens read back at once (32 MB in float32)
         sub = max(1, (1 << 17) // self.d)  # tokens per float32 product: short sums, float64 totals
         for lo in range(0, self.tokens, chunk):
             block = torch.from_numpy(np.ascontiguousarray(self.unit[:, lo:lo + chunk])).float()
             for a in range(0, block.shape[1], sub):
                 flat = block[:, a:a + sub].reshape(s, -1)
                 cos_sum += (flat @ flat.T).double()
+            del block
+            self.unmap_pages()
         hsic_sum = torch.zeros(s, s, dtype=torch.float64)
         index = 0
         for lens in self.lengths:
@@ -904,6 +939,7 @@ class _SpillAccumulators:
                     grams = torch.from_numpy(np.ascontiguousarray(self.grams[:, a:a + n * n])).view(s, n, n)
                     hsic_sum += unbiased_hsic_matrix(grams)
                 index += 1
+        self.unmap_pages()
         if self.cka_minibatches == 0:
             raise LayerLensError("Minibatch CKA needs samples of at least 4 tokens; use longer texts.")
         cosine = (cos_sum / self.tokens).clamp(-1.0, 1.0)

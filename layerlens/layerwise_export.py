@@ -8,6 +8,10 @@ a time with :func:`layerlens.surgery.merge_tensors` from the group's tensors, it
 the base's. The config is patched by :func:`layerlens.surgery.config_changes` (layer count, every per-layer
 list reindexed), as :func:`~layerlens.surgery.apply_plan` does, and the folder also holds the tokenizer,
 the generation config and :data:`~layerlens.plans.PLAN_FILE`. The weights keep the checkpoint's dtype.
+
+Dropped sublayers (``plan.drop_attn``/``drop_mlp``) are written as :func:`layerlens.export.save_pruned`
+writes them: the full layer with the sublayer's output projection (weight and bias) set to zeros, streamed
+without reading the source tensor, so the folder equals ``save_pruned`` of :func:`~layerlens.surgery.apply_plan`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .errors import PlanError
 from .layerwise import LayerwiseModel, _check_plan
 from .plans import PLAN_FILE
 from .runs import atomic_dir, atomic_write_json
@@ -56,10 +61,26 @@ def _layer_prefix(lw: LayerwiseModel) -> str:
     return key[: -len(f".0.{name}")]
 
 
+ZEROS = ("zeros",)  # the source of a dropped sublayer's output projection: written as zeros, never read
+
+
+def _zeroed_prefixes(lw: LayerwiseModel, plan: Any) -> dict[int, list[str]]:
+    """Per original layer, the parameter-name prefixes (``self_attn.o_proj.``) that the export zeroes."""
+    out: dict[int, list[str]] = {}
+    for drops, path, what in ((getattr(plan, "drop_attn", ()), lw.adapter.attn_out, "attention"),
+                              (getattr(plan, "drop_mlp", ()), lw.adapter.mlp_out, "MLP")):
+        if drops and not path:
+            raise PlanError(f"Model type '{lw.config.model_type}' has no known {what} output projection to "
+                            "zero, so a model with dropped sublayers cannot be saved for plain transformers.")
+        for o in drops:
+            out.setdefault(o, []).append(path + ".")
+    return out
+
+
 def output_tensors(lw: LayerwiseModel, plan: Any) -> list[tuple[str, dict[str, Any], Any]]:
     """``(new key, {dtype, shape}, source)`` for every tensor of the pruned checkpoint, in source order.
 
-    ``source`` is a checkpoint key (copied as is) or ``(formula, [keys])`` (merged)."""
+    ``source`` is a checkpoint key (copied as is), ``(formula, [keys])`` (merged) or :data:`ZEROS`."""
     _check_plan(plan, lw.num_layers, export=True)
     ckpt = lw.checkpoint
     prefix = _layer_prefix(lw)
@@ -74,13 +95,16 @@ def output_tensors(lw: LayerwiseModel, plan: Any) -> list[tuple[str, dict[str, A
             by_layer.setdefault(int(m.group(1)), []).append((m.group(2), key))
     merged = _merged_names(lw) if plan.merge else set()
     bases = plan.merge_bases
+    zeroed = _zeroed_prefixes(lw, plan)
     out: list[tuple[str, dict[str, Any], Any]] = []
     for key in outside:
         out.append((key, ckpt.meta[key], key))
     for j, o in enumerate(plan.kept_layers):
         for rest, key in by_layer.get(o, []):
             new = f"{prefix}.{j}.{rest}"
-            if o in bases and rest in merged:
+            if any(rest.startswith(z) for z in zeroed.get(o, ())):
+                out.append((new, ckpt.meta[key], ZEROS))
+            elif o in bases and rest in merged:
                 group = [f"{prefix}.{i}.{rest}" for i in bases[o]]
                 out.append((new, ckpt.meta[key], (plan.merge_formula, group)))
             else:
@@ -103,12 +127,21 @@ def _write_shard(lw: LayerwiseModel, path: Path, items: list[tuple[str, dict[str
         for _key, _info, source in items:
             if isinstance(source, str):
                 lw.checkpoint.copy_bytes(source, f)
+            elif source == ZEROS:
+                _write_zeros(f, _nbytes(_info))
             else:
                 formula, keys = source
                 read = lw.checkpoint.read(keys)
                 t = merge_tensors([read[k] for k in keys], formula)
                 del read
                 f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _write_zeros(f: Any, size: int, chunk: int = 64 << 20) -> None:
+    block = bytes(min(chunk, size))  # zero bytes are the value 0 in every float and integer dtype
+    while size > 0:
+        f.write(block[:min(chunk, size)])
+        size -= chunk
 
 
 def _nbytes(info: Mapping[str, Any]) -> int:

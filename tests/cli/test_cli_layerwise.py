@@ -58,9 +58,10 @@ def test_eval_layerwise_with_a_plan_equals_in_memory(tiny_model_factory, tmp_pat
     assert lw["mmlu"]["mean_prob_correct"] == pytest.approx(mem["mmlu"]["mean_prob_correct"], abs=1e-6)
 
 
-def test_prune_layerwise_writes_the_same_model(tiny_model_factory, tmp_path):
+@pytest.mark.parametrize("strategy", ["bi", "attn_bi"])  # whole layers; attention sublayers (zeroed o_proj)
+def test_prune_layerwise_writes_the_same_model(tiny_model_factory, tmp_path, strategy):
     path = tiny_model_factory("qwen2")
-    common = ["--model", path, "--device", "cpu", "--dtype", "float32", "--strategy", "bi", "--n", "2",
+    common = ["--model", path, "--device", "cpu", "--dtype", "float32", "--strategy", strategy, "--n", "2",
               *DATA_ARGS[:6], "--runs-dir", tmp_path / "runs"]
     assert run("prune", *common, "--out", tmp_path / "mem") == 0
     assert run("prune", *common, "--max-memory", "64KB", "--out", tmp_path / "lw") == 0
@@ -69,6 +70,8 @@ def test_prune_layerwise_writes_the_same_model(tiny_model_factory, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     mem, lw = (json.loads((tmp_path / d / "layerlens_plan.json").read_text()) for d in ("mem", "lw"))
     assert mem["plan"]["remove"] == lw["plan"]["remove"]
+    assert mem["plan"].get("drop_attn") == lw["plan"].get("drop_attn")
+    assert bool(lw["plan"].get("drop_attn")) == (strategy == "attn_bi")
     assert lw["meta"]["execution"] == "layerwise" and mem["meta"]["execution"] == "in_memory"
 
 

@@ -135,7 +135,7 @@ def test_kl_to_the_original_equals_in_memory(tiny_model_factory, sample_texts, a
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_plans_dropping_sublayers_equal_in_memory(tiny_model_factory, sample_texts, arch):
+def test_plans_dropping_sublayers_equal_in_memory(tiny_model_factory, sample_texts, tmp_path, arch):
     import dataclasses
 
     if "drop_attn" not in {f.name for f in dataclasses.fields(PrunePlan)}:
@@ -150,8 +150,17 @@ def test_plans_dropping_sublayers_equal_in_memory(tiny_model_factory, sample_tex
     for p, plan in enumerate(plans):
         ref = task.run(plain_forward(surgery.apply_plan(lm.model, plan)))
         assert got[p].perplexity == pytest.approx(ref.perplexity, rel=1e-6)
-    with pytest.raises(LayerLensError, match="max_memory"):
-        export_pruned(lw, plans[0], Path(lw.source).parent / "never-written")
+    # exported shard by shard, dropped sublayers as zeroed output projections: the same folder as in memory
+    for p, plan in enumerate(plans):
+        ref, got_dir = tmp_path / f"ref{p}", tmp_path / f"lw{p}"
+        save_pruned(surgery.apply_plan(lm.model, plan), lm.tokenizer, plan, ref)
+        record = export_pruned(lw, plan, got_dir, max_shard_bytes=60_000)
+        _assert_same_checkpoint(ref, got_dir)
+        assert record["plan"] == plan.to_dict()
+        zeroed = [v for k, v in AutoModelForCausalLM.from_pretrained(got_dir).state_dict().items()
+                  if (".o_proj." in k or ".attn.c_proj." in k or ".down_proj." in k or ".mlp.c_proj." in k)
+                  and k.endswith(".weight") and not v.any()]  # (the tiny gpt2's biases are zeros anyway)
+        assert len(zeroed) == len(plan.drop_attn) + len(plan.drop_mlp)
 
 
 def test_removed_layers_are_never_read(tiny_llama, sample_texts):
