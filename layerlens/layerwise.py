@@ -621,29 +621,26 @@ class LayerwiseModel:
 
     # -- evaluation --------------------------------------------------------------------------------------
     def final_states(self, batches: Sequence[EvalBatch], plans: Sequence[Any], *,
-                     progress: Progress | None = None) -> list[list[torch.Tensor]]:
+                     progress: Progress | None = None, total_units: int | None = None) -> list[list[torch.Tensor]]:
         """The last hidden state (before the final norm) of every batch under every plan, layer by layer.
 
         Plans share the states of common prefixes (:func:`layerlens.prefix_reuse.state_key`): each
         (prefix, layer) is computed once, and each original layer is read once for all plans that keep it
-        (a merged layer once per distinct merge).
+        (a merged layer once per distinct merge). ``progress(done, total, label)`` counts layer runs (one
+        layer over every batch for one distinct prefix: :func:`pass_units`), so its rate gives the time left;
+        ``total_units`` makes room for the caller's later steps (:meth:`evaluate` adds the LM heads).
         """
-        from .prefix_reuse import plan_ops
 
         for plan in plans:
             _check_plan(plan, self.num_layers)
         preps = self._embed_all([(b.input_ids, b.attention_mask, b.position_ids) for b in batches])
-        ops = [plan_ops(p) for p in plans]
+        schedule, where = pass_schedule(plans, self.num_layers)
+        units = pass_units(schedule) if total_units is None else total_units
+        done = 0
         states: dict[tuple, list[torch.Tensor]] = {(): [p.h0 for p in preps]}
-        where = [() for _ in plans]
         peak = 1
         with torch.inference_mode():
-            for o in range(self.num_layers):
-                todo: dict[Any, list[tuple]] = {}  # op -> distinct current state keys needing it
-                for i, plan_ops_i in enumerate(ops):
-                    op = plan_ops_i[o]
-                    if op != 1 and where[i] not in todo.setdefault(op, []):
-                        todo[op].append(where[i])
+            for o, (todo, live) in enumerate(schedule):
                 new_states: dict[tuple, list[torch.Tensor]] = {}
                 for op, keys in sorted(todo.items(), key=lambda kv: str(kv[0])):
                     merge = isinstance(op, tuple) and op[0] == 2
@@ -658,19 +655,22 @@ class LayerwiseModel:
                     finally:
                         run = None
                         self.release(layer)
-                for i, plan_ops_i in enumerate(ops):
-                    if plan_ops_i[o] != 1:
-                        where[i] = where[i] + ((o, plan_ops_i[o]),)
+                    done += len(keys)
                 states.update(new_states)
                 peak = max(peak, len(states))
-                live = set(where)
                 for key in list(states):
                     if key not in live:
                         self._drop(states.pop(key))
                 if progress is not None:
-                    progress(o + 1, self.num_layers, f"layer {o + 1}/{self.num_layers}")
+                    progress(done, units, f"layer {o + 1}/{self.num_layers}")
         self.stats.extra["peak_states"] = peak
         return [states[w] for w in where]
+
+    def head_units(self) -> int:
+        """The LM head's work per token in decoder layers (its parameters over a layer's; at least 1)."""
+        head = sum(p.numel() for p in self.head.parameters())
+        layers = per_layer_params(self)
+        return max(1, round(head / max(1, sum(layers) / max(1, len(layers)))))
 
     def logits(self, hidden: torch.Tensor, batch: EvalBatch) -> torch.Tensor:
         """The LM head's float32 logits from a last hidden state (final norm applied), at ``batch.keep``."""
@@ -711,17 +711,25 @@ class LayerwiseModel:
             if original is None:
                 run_plans.append(PrunePlan(self.num_layers, "remove"))
                 original = len(run_plans) - 1
+        layer_units = pass_units(pass_schedule(run_plans, self.num_layers)[0])
+        head = self.head_units()  # one plan's scoring through the LM head, in layer runs
+        total = layer_units + head * (len(plans) * len(tasks) + (original is not None))
         try:
-            finals = self.final_states(all_batches, run_plans, progress=progress)
+            finals = self.final_states(all_batches, run_plans, progress=progress, total_units=total)
             self._load_head()
+            done = layer_units
             if original is not None:
                 self._keep_references(tasks, spans, finals[original])
+                done += head
             results = []
             for t, task in enumerate(tasks):
                 lo, _ = spans[t]
                 row = []
                 for p in range(len(plans)):
                     row.append(task.run(lambda i, batch, p=p, lo=lo: self.logits(finals[p][lo + i], batch)))
+                    done += head
+                    if progress is not None:
+                        progress(done, total, f"scoring {p + 1}/{len(plans)} through the LM head")
                 results.append(row)
         finally:
             self._unload(self.head)
@@ -767,6 +775,34 @@ def _renamings(model: nn.Module) -> list[tuple[str, str]]:
         if type(t) is WeightRenaming:
             out += list(zip(t.source_patterns, t.target_patterns, strict=False))
     return out
+
+
+def pass_schedule(plans: Sequence[Any], num_layers: int) -> tuple[list[tuple[dict[Any, list[tuple]], set]], list]:
+    """What one layer-wise pass over ``plans`` computes: per original layer, ``({op: [state keys]}, live keys
+    after it)``, and each plan's final state key. ``op`` is :func:`layerlens.prefix_reuse.plan_ops`'s (1: the
+    layer is skipped); a state key is the tuple of ``(layer, op)`` steps applied so far, so plans with a
+    common prefix share it and each (prefix, op) runs once."""
+    from .prefix_reuse import plan_ops
+
+    ops = [plan_ops(p) for p in plans]
+    where: list[tuple] = [() for _ in plans]
+    schedule = []
+    for o in range(num_layers):
+        todo: dict[Any, list[tuple]] = {}  # op -> distinct current state keys needing it
+        for i, plan_ops_i in enumerate(ops):
+            op = plan_ops_i[o]
+            if op != 1 and where[i] not in todo.setdefault(op, []):
+                todo[op].append(where[i])
+        for i, plan_ops_i in enumerate(ops):
+            if plan_ops_i[o] != 1:
+                where[i] = where[i] + ((o, plan_ops_i[o]),)
+        schedule.append((todo, set(where)))
+    return schedule, where
+
+
+def pass_units(schedule: Sequence[tuple[dict[Any, list[tuple]], set]]) -> int:
+    """Layer runs in a pass (each runs one layer over every batch): the unit of its progress."""
+    return max(1, sum(len(keys) for todo, _ in schedule for keys in todo.values()))
 
 
 def _trim_heap() -> None:

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if layerwise:  # one pass over the layers for both tasks (and the original's, for KL, with a plan)
         from ..layerwise import evaluate_plan
 
-        lw = evaluate_plan(loaded, plan, progress=cli_progress("layers"), texts=inputs["texts"],
+        lw = evaluate_plan(loaded, plan, progress=cli_progress("layer runs"), texts=inputs["texts"],
                            questions=inputs["questions"], dev=inputs["dev"], seq_len=args.seq_len,
                            ppl_batch_size=args.ppl_batch_size, max_windows=inputs["max_windows"],
                            shots=args.shots, mmlu_batch_size=args.mmlu_batch_size, kl=plan is not None)

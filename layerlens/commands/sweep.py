@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         from ..layerwise import sweep as layerwise_sweep
 
         result = layerwise_sweep(loaded, report, config, ppl_texts=inputs["texts"], questions=inputs["questions"],
-                                 dev=inputs["dev"], progress=cli_progress("sweep (layers)"), runs_dir=runs,
+                                 dev=inputs["dev"], progress=cli_progress("sweep (layer runs)"), runs_dir=runs,
                                  model_id={"model": info.model, "revision": info.revision})
     else:
         executor = _executor(args, loaded)  # --ray: the points computed by Ray workers, persisted here

@@ -219,8 +219,12 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
             from layerlens.layerwise import sweep as layerwise_sweep
 
             def layer_progress(done: int, total: int, label: str) -> None:
+                # units are layer runs (LM-head scoring counted in layers): their rate so far gives the time left
+                elapsed = time.perf_counter() - t0
+                left = f" · about {sweeps.rough_seconds(elapsed / done * (total - done))} left" \
+                    if 0 < done < total and elapsed > 2 else ""
                 bar.progress(min(done / max(total, 1), 1.0), text=f"Layer by layer, every point in one pass: "
-                             f"{label} · {time.perf_counter() - t0:.0f} s")
+                             f"{label} · {elapsed:.0f} s{left}")
 
             same.pop("executor")
             with model_lock(shared, status):

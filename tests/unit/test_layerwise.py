@@ -278,3 +278,25 @@ def test_states_in_memory_mapped_files_give_the_same_numbers(tiny_llama, sample_
     ra, rb = cpu.evaluate([task], plans), disk.evaluate([task], plans)
     assert [r.perplexity for r in ra[0]] == [r.perplexity for r in rb[0]]
     assert not list(tmp_path.iterdir())  # every state file and spill removed
+
+
+def test_evaluation_progress_counts_layer_runs_and_heads(tiny_llama, sample_texts):
+    """The pass reports its work in layer runs (one layer over every batch for one distinct prefix) and the
+    LM head's scoring in layers' worth: monotonic, ending at the total, so its rate gives the time left."""
+    from layerlens.layerwise import pass_schedule, pass_units
+
+    lw = LayerwiseModel(str(tiny_llama), device="cpu", dtype="float32")
+    n = lw.num_layers
+    plans = [PrunePlan(n, "remove"), PrunePlan(n, "remove", remove=(n - 1,)), PrunePlan(n, "remove", remove=(1, 2))]
+    schedule, finals = pass_schedule(plans, n)
+    # unpruned: n runs; the last-layer removal shares all n-1 earlier ones; (1, 2) shares only layer 0 -> n-3 more
+    assert pass_units(schedule) == n + (n - 3)
+    assert len(set(finals)) == 3
+    calls: list[tuple[int, int, str]] = []
+    task = PerplexityTask(lw.tokenizer, sample_texts, seq_len=32, batch_size=2, max_windows=2)
+    lw.evaluate([task], plans, progress=lambda d, t, label: calls.append((d, t, label)))
+    done = [d for d, _, _ in calls]
+    total = calls[0][1]
+    assert all(t == total for _, t, _ in calls) and done == sorted(done) and done[-1] == total
+    assert total == pass_units(schedule) + lw.head_units() * len(plans)
+    assert lw.head_units() >= 1 and sum(label.startswith("scoring") for _, _, label in calls) == len(plans)
