@@ -251,13 +251,18 @@ def rank_stability_bar(report: Any, k: int | None = None, title: str | None = No
                                                  f"{resamples} bootstrap resamples of the calibration samples"),
         uirevision=_revision("stability", n, k, values),
         xaxis=dict(title=_title("Decoder layer index (0-based)"), tickmode="linear", tick0=0,
-                   dtick=1 if n <= 24 else _tick_step(n), range=[-0.6, n - 0.4]),
+                   dtick=_tick_step_narrow(n), range=[-0.6, n - 0.4]),
         yaxis=dict(title=_title("Resamples (%)"), range=[0, 105]), showlegend=False,
     ))
 
 
 def _tick_step(n: int) -> int:
     return 1 if n <= 32 else 2 if n <= 64 else 4 if n <= 128 else 8
+
+
+def _tick_step_narrow(n: int) -> int:
+    """Tick step for a chart drawn in a third of the page (30 labels at step 1 ran into each other)."""
+    return 1 if n <= 12 else 2 if n <= 24 else 5 if n <= 60 else 10
 
 
 # ----------------------------------------------------------------------------------------------------------

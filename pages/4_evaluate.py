@@ -164,6 +164,7 @@ show["ratio"] = (100 * show["ratio"]).round(1)
 columns = ["strategy", "ratio", "n_removed", "removed_layers", *(["healed"] if "healed" in show else []),
            "perplexity", *[c for c in ("kl", "top1_agreement") if c in show], "mmlu_accuracy",
            *[c for c in show.columns if "/" in c], "seconds", "cached"]  # "task/metric": lm-eval tasks
+columns = [c for c in columns if c not in ("kl", "top1_agreement", "mmlu_accuracy") or show[c].notna().any()]
 num = st.column_config.NumberColumn  # display only: the frame keeps full precision (and sorts as numbers)
 st.dataframe(show[columns].rename(columns={"ratio": "ratio (%)"}), hide_index=True, width="stretch",
              column_config={"ratio (%)": num(format="%.1f"),

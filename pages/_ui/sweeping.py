@@ -148,6 +148,20 @@ def collect_stopped_sweep(key: str, timeout: float = 600.0) -> bool:
     return True
 
 
+def _surgery_of(description: str) -> str:
+    """``PrunePlan.describe()`` without the strategy: the sweep evaluates equal surgeries once, under the
+    first strategy's name, and every row with that surgery shares the result."""
+    return description.split(": ", 1)[-1]
+
+
+def _mark_computed(frame: Any, plans: Any, computed: set[str]) -> None:
+    """A stopped sweep's points come back through a read-back, which marks them all ``cached``; the rows
+    whose evaluations this run computed (named in its progress labels) are set back to not cached."""
+    for strategy, ratio, plan in plans:
+        if _surgery_of(plan.describe()) in computed:
+            frame.loc[(frame["strategy"] == strategy) & (frame["ratio"] == ratio), "cached"] = False
+
+
 def _check_layerwise(s: sweeps.SweepSettings, run_on: str) -> None:
     """Refuse, in one sentence each, what a layer-by-layer sweep cannot do (it needs the model in memory)."""
     if run_on != sweeps.RUN_ON[0]:
@@ -195,7 +209,10 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
 
         partials = ss.setdefault(SS_SWEEP_PARTIAL, {})  # written after a Stop, when ss no longer can be
 
+        computed: set[str] = set()  # what the evaluations this run computed (not read back) did to the model
+
         def progress(done: int, total: int, label: str) -> None:
+            computed.add(_surgery_of(label.split(" ", 1)[-1]))
             if not read_back:
                 read_back.append(done - 1)
             elapsed = time.perf_counter() - t0
@@ -243,6 +260,7 @@ def _sweep_with_progress(shared: SharedModel, report: Any, sweep_settings: sweep
                         log.warning("could not read back the finished sweep points:\n%s", traceback.format_exc())
                     if partial is not None and len(partial):
                         partial.attrs["stopped"] = True  # the page says it is incomplete
+                        _mark_computed(partial, plans, computed)
                         if questions is not None:
                             partial["mmlu_questions"] = len(questions)
                         partials[key] = partial

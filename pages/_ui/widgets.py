@@ -84,7 +84,7 @@ def speed_metric(col: Any, quick: Mapping[str, Any], original: Mapping[str, Any]
     helptext = f"Pruned: {speed_text(quick)}. Original: {speed_text(original)}."
     value = humanize.tokens_per_s(quick.get("tokens_per_s"))
     if v.bad:
-        col.metric(label, value, delta=f"{delta}, no win" if delta else None, delta_color="off",
+        col.metric(label, value, delta=f"{delta}, no win ({v.level})" if delta else None, delta_color="off",
                    delta_arrow="off", help=helptext + f" The model is {v.level}: a faster model that no longer "
                                                       "works is no saving.")
     else:
