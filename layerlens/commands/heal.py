@@ -55,8 +55,9 @@ def _save_adapter(result: Any, plan: Any, tokenizer: Any, out: Path, record: dic
 def run(args: argparse.Namespace) -> int:
     config = _config(args)
     out, loaded, plan, report, data = load_and_plan(args, "healed model", config.validate)
-    if plan.n_removed == 0:
-        raise LayerLensError("The plan removes no layer, so there is nothing to heal; give a plan that prunes.")
+    if not plan.changes_model:  # a plan may only drop attention/MLP sublayers: that is pruning too
+        raise LayerLensError("The plan removes no layer and drops no sublayer, so there is nothing to heal; give a "
+                             "plan that prunes.")
     train = load_texts(args.data, role="calibration", field=args.text_field)
     held_out = load_texts(args.eval_data, role="eval", field=args.text_field)
     runs = Path(args.runs_dir) if args.runs_dir else default_runs_dir()

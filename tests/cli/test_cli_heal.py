@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import layerlens.cli as cli
+from layerlens.export import skip_recorded_sublayers
+from layerlens.plans import PrunePlan
 
 
 @pytest.fixture
@@ -50,6 +52,27 @@ def test_heal_writes_a_merged_model_with_its_record_and_reads_back(tiny_llama, d
     assert run("eval", "--model", out, "--device", "cpu", "--ppl-data", data[3], "--seq-len", "32",
                "--max-windows", "2", "--mmlu", "none", "--out", tmp_path / "ev") == 0  # any folder evaluates
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["perplexity"] > 0
+
+
+def test_heal_a_plan_that_only_drops_sublayers(tiny_llama, data, tmp_path, capsys):
+    """Dropping attention/MLP sublayers is pruning too: healed like a layer removal, and the saved folder
+    (dropped sublayers as zeroed output projections) reloads with the healed model's logits."""
+    out = tmp_path / "healed"
+    assert run("heal", "--model", tiny_llama, "--drop-attn", "1,3", "--drop-mlp", "4", "--steps", "4",
+               "--loss", "kd", *data, "--out", out) == 0
+    assert "healed: 4 steps" in capsys.readouterr().out
+    record = json.loads((out / "layerlens_plan.json").read_text())
+    assert record["plan"]["drop_attn"] == [1, 3] and record["plan"]["drop_mlp"] == [4]
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert plain.config.num_hidden_layers == 6 and not plain.model.layers[1].self_attn.o_proj.weight.any()
+    skipped = skip_recorded_sublayers(AutoModelForCausalLM.from_pretrained(out), out)
+    ids = torch.tensor([[3, 7, 11, 13, 17]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, skipped(ids).logits, atol=1e-5)
+    empty = tmp_path / "empty_plan.json"
+    empty.write_text(PrunePlan(6, "remove").to_json(), encoding="utf-8")
+    assert run("heal", "--model", tiny_llama, "--plan", empty, "--steps", "2", *data, "--out", tmp_path / "x") == 2
+    assert "drops no sublayer" in capsys.readouterr().err
 
 
 def test_adapter_only_writes_the_peft_adapter(tiny_llama, data, tmp_path):
