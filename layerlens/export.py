@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -62,24 +63,48 @@ def plan_record(plan: Any, *, report: Any = None, meta: Mapping[str, Any] | None
 
 
 def save_pruned(model: Any, tokenizer: Any, plan: Any, folder: str | Path, *, report: Any = None,
-                meta: Mapping[str, Any] | None = None, heal: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                meta: Mapping[str, Any] | None = None, heal: Mapping[str, Any] | None = None,
+                dtype: str | None = None) -> dict[str, Any]:
     """Save a pruned model in plain ``transformers`` format (+ tokenizer) and :data:`PLAN_FILE`, atomically.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained(folder)``; a failure leaves nothing
-    half-written. Returns the record written to :data:`PLAN_FILE` (see :func:`plan_record`), so a caller
-    can keep the same record elsewhere (the CLI's runs folder).
+    half-written. ``dtype`` (``"bfloat16"``, ...; None: as loaded) is the dtype the floating-point weights
+    are written in -- a bf16 checkpoint analysed in float32 on a CPU goes back to bf16 rather than doubling in
+    size; ``model`` itself is never cast. Returns the record written to :data:`PLAN_FILE` (see
+    :func:`plan_record`), so a caller can keep the same record elsewhere (the CLI's runs folder).
     """
     record = plan_record(plan, report=report, meta=meta, heal=heal)
     if getattr(plan, "has_sublayers", False):
         from .surgery import exportable  # torch-heavy: only when there is something to convert
 
         model = exportable(model)  # dropped sublayers -> zeroed output projections (module docstring)
+    state, written = _cast_state(model, dtype)
+    record["meta"]["export_dtype"] = written
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+        if state is not None:  # the config says what the files hold
+            config_file = tmp / "config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["dtype"] = written
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / PLAN_FILE, record)
     return record
+
+
+def _cast_state(model: Any, dtype: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """``(state dict with floating tensors in dtype, dtype name)``, or ``(None, the model's dtype)`` when the
+    weights already are in it. New tensors: the model (maybe shared with other users) keeps its own."""
+    from .loading import DTYPES, dtype_name
+
+    params = getattr(model, "parameters", None)
+    current = next((p.dtype for p in params() if p.is_floating_point()), None) if params is not None else None
+    if dtype is None or DTYPES[dtype] == current:
+        return None, dtype_name(current) if current is not None else dtype
+    target = DTYPES[dtype]
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return state, dtype
 
 
 def skip_recorded_sublayers(model: Any, folder: str | Path) -> Any:

@@ -77,10 +77,30 @@ def _zeroed_prefixes(lw: LayerwiseModel, plan: Any) -> dict[int, list[str]]:
     return out
 
 
-def output_tensors(lw: LayerwiseModel, plan: Any) -> list[tuple[str, dict[str, Any], Any]]:
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def output_tensors(lw: LayerwiseModel, plan: Any, dtype: str | None = None) -> list[tuple[str, dict[str, Any], Any]]:
     """``(new key, {dtype, shape}, source)`` for every tensor of the pruned checkpoint, in source order.
 
-    ``source`` is a checkpoint key (copied as is), ``(formula, [keys])`` (merged) or :data:`ZEROS`."""
+    ``source`` is a checkpoint key (copied as is), ``(formula, [keys])`` (merged), :data:`ZEROS`, or
+    ``("cast", key)`` when ``dtype`` (a name; None: the checkpoint's) differs from a floating tensor's."""
+    items = _output_tensors(lw, plan)
+    if dtype is None:
+        return items
+    from .loading import DTYPES
+
+    name = _ST_NAMES[DTYPES[dtype]]
+    out = []
+    for key, info, source in items:
+        if info["dtype"] in ("F32", "BF16", "F16", "F64") and info["dtype"] != name:
+            info = dict(info, dtype=name)
+            source = ("cast", source) if isinstance(source, str) else source  # merged / zeros: made in it
+        out.append((key, info, source))
+    return out
+
+
+def _output_tensors(lw: LayerwiseModel, plan: Any) -> list[tuple[str, dict[str, Any], Any]]:
     _check_plan(plan, lw.num_layers, export=True)
     ckpt = lw.checkpoint
     prefix = _layer_prefix(lw)
@@ -130,11 +150,26 @@ def _write_shard(lw: LayerwiseModel, path: Path, items: list[tuple[str, dict[str
             elif source == ZEROS:
                 _write_zeros(f, _nbytes(_info))
             else:
-                formula, keys = source
-                read = lw.checkpoint.read(keys)
-                t = merge_tensors([read[k] for k in keys], formula)
-                del read
+                if source[0] == "cast":
+                    t = lw.checkpoint.read([source[1]])[source[1]]
+                else:
+                    formula, keys = source
+                    read = lw.checkpoint.read(keys)  # merged in the compute dtype, as in memory, then cast
+                    t = merge_tensors([read[k].to(lw.dtype) for k in keys], formula)
+                    del read
+                t = t.to(_TORCH_DTYPES[_info["dtype"]])
                 f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _stored_dtype(lw: LayerwiseModel) -> str | None:
+    """The dtype most of the checkpoint's floating tensors are stored in, by name (None: no float tensor)."""
+    from collections import Counter
+
+    names = {v: k for k, v in _ST_NAMES.items()}
+    counts = Counter(info["dtype"] for info in lw.checkpoint.meta.values() if info["dtype"] in names)
+    if not counts:
+        return None
+    return str(names[counts.most_common(1)[0][0]]).removeprefix("torch.")
 
 
 def _write_zeros(f: Any, size: int, chunk: int = 64 << 20) -> None:
@@ -152,9 +187,9 @@ def _nbytes(info: Mapping[str, Any]) -> int:
 
 
 def write_pruned_weights(lw: LayerwiseModel, plan: Any, folder: Path,
-                         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
+                         max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None) -> dict[str, Any]:
     """The pruned model's safetensors shards (and index) in ``folder``; returns the config it needs."""
-    items = output_tensors(lw, plan)
+    items = output_tensors(lw, plan, dtype)
     shards: list[list[tuple[str, dict[str, Any], Any]]] = [[]]
     size = 0
     for item in items:
@@ -194,17 +229,23 @@ def pruned_config(lw: LayerwiseModel, plan: Any) -> Any:
 
 
 def export_pruned(lw: LayerwiseModel, plan: Any, folder: str | Path, *, report: Any = None,
-                  meta: Mapping[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
+                  meta: Mapping[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  dtype: str | None = None) -> dict[str, Any]:
     """Save the model pruned by ``plan`` like :func:`layerlens.export.save_pruned`, tensor by tensor.
 
+    ``dtype`` (a name; None: each tensor's checkpoint dtype) is the dtype floating weights are written in.
     Returns the :data:`PLAN_FILE` record. The folder is written in a temp folder and renamed (atomic).
     """
     from .export import plan_record
 
+    written = dtype or _stored_dtype(lw)
     record = plan_record(plan, report=report, meta=dict(meta or {}) | {"execution": "layerwise"})
+    record["meta"]["export_dtype"] = written
     start = lw.checkpoint.bytes_read
     with atomic_dir(folder) as tmp:
-        config = write_pruned_weights(lw, plan, tmp, max_shard_bytes)
+        config = write_pruned_weights(lw, plan, tmp, max_shard_bytes, dtype)
+        if written is not None:
+            config.dtype = written  # what the files hold (the open model's config says its compute dtype)
         config.save_pretrained(tmp)
         gen = lw.source / "generation_config.json"
         if gen.exists():

@@ -45,6 +45,15 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     info: ModelInfo
+    checkpoint_dtype: str | None = None  # what config.json declares ("bfloat16"); exports default to it
+
+
+def declared_dtype(config: Any) -> str | None:
+    """The dtype a config says its weights are stored in (``dtype``, or the older ``torch_dtype``), by name."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return dtype_name(value)
+    return value if isinstance(value, str) and value in DTYPES else None
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -271,4 +280,4 @@ def load_model(spec: str = "default", *, revision: str | None = None, dtype: str
         dtype=dtype_name(torch_dtype), device=device_str, max_positions=max_positions(config),
         source_path=str(source),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, checkpoint_dtype=declared_dtype(config))

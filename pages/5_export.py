@@ -49,9 +49,10 @@ def _save(model, applied, target, heal=None) -> None:
 
             export_pruned(shared.loaded, applied, target, report=report if from_report else None,
                           meta={"source_model": info, **used})
-        else:
+        else:  # in the checkpoint's own dtype, as `layerlens prune` writes it by default
             save_pruned(model, shared.tokenizer, applied, target, report=report if from_report else None,
-                        meta={"source_model": info, **used}, heal=heal)
+                        meta={"source_model": info, **used}, heal=heal,
+                        dtype=getattr(shared.loaded, "checkpoint_dtype", None))
     ss[keys.SS_SAVED_MODEL] = str(target)
     st.success(f"Saved to {target}. Load it with AutoModelForCausalLM.from_pretrained('{target}').",
                icon=":material/check_circle:")

@@ -25,7 +25,7 @@ from ..errors import LayerLensError
 from ..export import PLAN_FILE, plan_record, save_pruned
 from ..heal import HealConfig, heal_plan
 from ..runs import atomic_dir, atomic_write_json, default_runs_dir, provenance
-from .prune import add_plan_args, format_plan, load_and_plan
+from .prune import add_plan_args, add_save_dtype_arg, format_plan, load_and_plan, save_dtype
 
 
 def _config(args: argparse.Namespace) -> HealConfig:
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         _save_adapter(result, plan, loaded.tokenizer, out, plan_record(plan, report=report, meta=meta,
                                                                       heal=heal_record))
     else:
-        save_pruned(result.model, loaded.tokenizer, plan, out, report=report, meta=meta, heal=heal_record)
+        save_pruned(result.model, loaded.tokenizer, plan, out, report=report, meta=meta, heal=heal_record,
+                    dtype=save_dtype(args, loaded))
     print(format_plan(plan))
     cached = " (read back from the runs folder)" if result.meta.get("cached") else ""
     print(f"healed{cached}: {result.steps} steps, {result.tokens} tokens, {result.seconds:.1f} s, "
@@ -114,4 +115,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-every", type=int, default=20, help="steps between held-out checkpoints")
     g.add_argument("--adapter-only", action="store_true", help="write the peft adapter, not the merged model")
     p.add_argument("--out", required=True, help="output folder for the healed model")
+    add_save_dtype_arg(p)
     p.set_defaults(func=run, replace="none", seconds_given=False)

@@ -292,9 +292,10 @@ def run_prune(args: argparse.Namespace) -> int:
     if layerwise:
         from ..layerwise_export import export_pruned
 
-        record = export_pruned(loaded, plan, out, report=report, meta=meta)
+        record = export_pruned(loaded, plan, out, report=report, meta=meta, dtype=save_dtype(args, loaded))
     else:
-        record = save_pruned(model, loaded.tokenizer, plan, out, report=report, meta=meta)
+        record = save_pruned(model, loaded.tokenizer, plan, out, report=report, meta=meta,
+                             dtype=save_dtype(args, loaded))
     runs = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     key = stable_key({"model": loaded.info.model, "revision": loaded.info.revision, "plan": plan.to_dict()})
     atomic_write_json(runs / "prune" / f"{key}.json", {**record, "out": str(out)})
@@ -308,6 +309,27 @@ def run_prune(args: argparse.Namespace) -> int:
         )
     print(f"wrote {out} ({plan.num_layers_after} layers)")
     return 0
+
+
+SAVE_DTYPES = ("checkpoint", "loaded", "float32", "bfloat16", "float16")
+
+
+def add_save_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="checkpoint",
+                   help="dtype of the written weights: checkpoint (default: the source's own, so a bf16 model "
+                        "analysed in float32 on a CPU is saved in bf16 again), loaded (--dtype), or a dtype")
+
+
+def save_dtype(args: argparse.Namespace, loaded: Any) -> str | None:
+    """The dtype name ``--save-dtype`` asks for (None: write each tensor as it is)."""
+    choice = getattr(args, "save_dtype", "checkpoint")
+    if choice == "checkpoint":
+        if getattr(loaded, "layerwise", False):
+            return None  # layer by layer the checkpoint's own tensors are copied
+        return getattr(loaded, "checkpoint_dtype", None)
+    if choice == "loaded":
+        return loaded.info.dtype
+    return choice
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -391,6 +413,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--out", required=True, help="output folder for the pruned model")
+    add_save_dtype_arg(p)
     p.set_defaults(func=run_prune)
 
     q = sub.add_parser("plan", help="print the pruning plan a strategy gives, without saving a model")

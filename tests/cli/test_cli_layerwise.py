@@ -94,3 +94,28 @@ def test_layerwise_refusals_name_the_flags(tiny_llama, tmp_path, capsys):
              "--replace", "ffn", "--out", tmp_path / "y")
     err = capsys.readouterr().err
     assert rc == 2 and "--replace" in err and "--max-memory" in err
+
+
+@pytest.mark.parametrize("plan_args", [["--remove", "1,4"], ["--merge", "2-3"]])
+def test_a_bf16_checkpoint_is_saved_in_bf16_by_both_modes(tiny_model_factory, tmp_path, plan_args):
+    """`--save-dtype checkpoint` (the default): a bf16 checkpoint analysed in float32 on a CPU is written in
+    bf16 again, in memory and layer by layer alike (merges computed in float32 by both, then cast)."""
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).to(torch.bfloat16).save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_factory("llama") / f).exists():
+            (src / f).write_bytes((tiny_model_factory("llama") / f).read_bytes())
+    common = ["--model", src, "--device", "cpu", "--dtype", "float32", *plan_args, "--runs-dir", tmp_path / "runs"]
+    assert run("prune", *common, "--out", tmp_path / "mem") == 0
+    assert run("prune", *common, "--layerwise", "--out", tmp_path / "lw") == 0
+    assert run("prune", *common, "--save-dtype", "loaded", "--out", tmp_path / "mem32") == 0
+    assert run("prune", *common, "--layerwise", "--save-dtype", "loaded", "--out", tmp_path / "lw32") == 0
+    for a, b, dtype in (("mem", "lw", torch.bfloat16), ("mem32", "lw32", torch.float32)):
+        sa = AutoModelForCausalLM.from_pretrained(tmp_path / a, dtype="auto").state_dict()
+        sb = AutoModelForCausalLM.from_pretrained(tmp_path / b, dtype="auto").state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert {v.dtype for v in sa.values()} == {dtype}
+        assert json.loads((tmp_path / a / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+        assert json.loads((tmp_path / b / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+        record = json.loads((tmp_path / a / "layerlens_plan.json").read_text())
+        assert record["meta"]["export_dtype"] == str(dtype).removeprefix("torch.")

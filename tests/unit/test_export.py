@@ -9,6 +9,7 @@ import zipfile
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+import torch
 
 import layerlens.export as export
 from layerlens.export import safe_name, save_figure, save_pruned, zip_folder
@@ -109,3 +110,27 @@ def test_html_report_sweep_table_says_which_rows_are_healed():
     html = _sweep_table(frame)
     assert "healed (LoRA)" in html and html.count("<td>no</td>") == 1 and html.count("<td>yes</td>") == 1
     assert "healed" not in _sweep_table(frame.drop(columns="healed"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: tied embeddings
+def test_save_in_another_dtype_leaves_the_loaded_model_alone(tiny_model_factory, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    from layerlens import surgery
+    from layerlens.loading import load_model
+    from layerlens.plans import PrunePlan
+
+    lm = load_model(str(tiny_model_factory(arch)), device="cpu", dtype="float32")
+    plan = PrunePlan(lm.info.num_layers, "remove", remove=(2,))
+    pruned = surgery.apply_plan(lm.model, plan)
+    record = save_pruned(pruned, lm.tokenizer, plan, tmp_path / "bf16", dtype="bfloat16")
+    assert record["meta"]["export_dtype"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())  # shared weights never cast
+    assert all(p.dtype == torch.float32 for p in pruned.parameters())
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert back.config.num_hidden_layers == lm.info.num_layers - 1
+    want = {k: v.to(torch.bfloat16) for k, v in pruned.state_dict().items()}
+    got = back.state_dict()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in got)
+    assert save_pruned(pruned, lm.tokenizer, plan, tmp_path / "same", dtype="float32")["meta"]["export_dtype"] == \
+        "float32"
