@@ -642,20 +642,30 @@ class LayerwiseModel:
         with torch.inference_mode():
             for o, (todo, live) in enumerate(schedule):
                 new_states: dict[tuple, list[torch.Tensor]] = {}
-                for op, keys in sorted(todo.items(), key=lambda kv: str(kv[0])):
-                    merge = isinstance(op, tuple) and op[0] == 2
-                    layer = self.merged(tuple(range(o, o + op[1])), op[2]) if merge else self.layer(o)
-                    try:
-                        run = self._without_sublayers(layer, bool(op[1]), bool(op[2])) \
-                            if isinstance(op, tuple) and op[0] == 3 else layer
-                        for key in keys:
-                            new_states[key + ((o, op),)] = [
-                                self._keep(self._run_layer(run, o, h, prep), self._where)
-                                for h, prep in zip(states[key], preps, strict=True)]
-                    finally:
-                        run = None
-                        self.release(layer)
-                    done += len(keys)
+                plain: nn.Module | None = None  # layer o as stored: read once for every op that is not a merge
+                try:
+                    for op, keys in sorted(todo.items(), key=lambda kv: str(kv[0])):
+                        merge = isinstance(op, tuple) and op[0] == 2
+                        if merge:
+                            layer = self.merged(tuple(range(o, o + op[1])), op[2])
+                        else:
+                            plain = plain if plain is not None else self.layer(o)
+                            layer = plain
+                        try:
+                            run = self._without_sublayers(layer, bool(op[1]), bool(op[2])) \
+                                if isinstance(op, tuple) and op[0] == 3 else layer  # a clone sharing weights
+                            for key in keys:
+                                new_states[key + ((o, op),)] = [
+                                    self._keep(self._run_layer(run, o, h, prep), self._where)
+                                    for h, prep in zip(states[key], preps, strict=True)]
+                        finally:
+                            run = None
+                            if merge:
+                                self.release(layer)
+                        done += len(keys)
+                finally:
+                    if plain is not None:
+                        self.release(plain)
                 states.update(new_states)
                 peak = max(peak, len(states))
                 for key in list(states):
@@ -1063,6 +1073,48 @@ def evaluate_plan(lw: LayerwiseModel, plan: Any = None, *, progress: Progress | 
     for task, row in zip(tasks, results, strict=True):
         out[task.kind] = row[0]
     return out
+
+
+def leave_one_out(lw: LayerwiseModel, texts: Any, *, sublayers: bool = False, seq_len: int | None = None,
+                  max_windows: int | None = None, batch_size: int | None = None,
+                  progress: Progress | None = None) -> Any:
+    """:func:`layerlens.damage.leave_one_out` layer by layer: perplexity, KL and top-1 agreement with each
+    layer (and with ``sublayers`` each attention and MLP sublayer) removed alone, as a
+    :class:`~layerlens.damage.DamageResult`.
+
+    All the removals and the original run in ONE pass over the weights: a removal of layer i shares the
+    original's states up to i (:func:`pass_schedule`), so the work is the in-memory path's prefix reuse
+    (about L²/2 layer runs) while each layer is read once. Not persisted unit by unit (a stopped pass has no
+    finished unit before its end); the caller keeps the document."""
+    from .damage import (
+        DEFAULT_DAMAGE_WINDOWS,
+        DEFAULT_PPL_BATCH,
+        DEFAULT_SEQ_LEN,
+        DamageResult,
+        DamageStats,
+        UnitDamage,
+        unit_plan,
+        units_of,
+    )
+    from .evaluation import PerplexityTask
+    from .plans import PrunePlan
+
+    started = time.perf_counter()
+    task = PerplexityTask(lw.tokenizer, texts, seq_len=seq_len or DEFAULT_SEQ_LEN, kl=True,
+                          batch_size=batch_size or DEFAULT_PPL_BATCH,
+                          max_windows=max_windows if max_windows is not None else DEFAULT_DAMAGE_WINDOWS)
+    base = PrunePlan(lw.num_layers, "remove", strategy="manual")
+    units = units_of(lw.num_layers, sublayers)
+    plans = [base, *(unit_plan(base, u) for u in units)]
+    (results,) = lw.evaluate([task], plans, progress=progress)
+    seconds = time.perf_counter() - started
+    schedule, _ = pass_schedule(plans, lw.num_layers)
+    done = tuple(UnitDamage(u, r.perplexity, r.nll, r.kl, seconds / len(plans), top1=r.top1_agreement)
+                 for u, r in zip(units, results[1:], strict=True))
+    stats = DamageStats(computed=len(units), cached=0, layer_passes=pass_units(schedule),
+                        layer_passes_from_scratch=sum(len(p.kept_layers) for p in plans), seconds=seconds)
+    tid = {k: v for k, v in task.identity().items() if k != "kl"}
+    return DamageResult(results[0].perplexity, results[0].nll, done, tid, stats)
 
 
 def fingerprint(lw: LayerwiseModel) -> dict[str, Any]:

@@ -59,13 +59,20 @@ def _compute_damage(report: Any, windows: int, seq_len: int, sublayers: bool) ->
 
         def progress(done: int, total: int, label: str) -> None:
             rate = (time.perf_counter() - t0) / max(done, 1)
+            what = f"{label} removed" if not shared.layerwise else f"all removals in one pass, {label}"
             bar.progress(min(done / max(total, 1), 1.0),
-                         text=f"{done}/{total}: {label} removed · about {rate * (total - done):.0f} s left")
+                         text=f"{done}/{total}: {what} · about {rate * (total - done):.0f} s left")
 
         with model_lock(shared):
-            result = leave_one_out(shared.model, shared.tokenizer, texts, sublayers=sublayers, seq_len=seq_len,
-                                   max_windows=windows, runs_dir=default_runs_dir(), model_id=info.to_dict(),
-                                   progress=progress)
+            if shared.layerwise:  # over the memory: every removal in one pass over the weights
+                from layerlens.layerwise import leave_one_out as layerwise_leave_one_out
+
+                result = layerwise_leave_one_out(shared.loaded, texts, sublayers=sublayers, seq_len=seq_len,
+                                                 max_windows=windows, progress=progress)
+            else:
+                result = leave_one_out(shared.model, shared.tokenizer, texts, sublayers=sublayers, seq_len=seq_len,
+                                       max_windows=windows, runs_dir=default_runs_dir(), model_id=info.to_dict(),
+                                       progress=progress)
         status.update(label=f"Measured {n_units} removals in {time.perf_counter() - t0:.1f} s", state="complete")
     s = result.stats
     meta = provenance(model=info.model, revision=info.revision, dtype=info.dtype, device=info.device,
@@ -151,7 +158,10 @@ def _report_on(settings: Any, data: str) -> LayerReport:
     meta = dict(model=info.model, revision=info.revision, model_type=info.model_type, dtype=info.dtype,
                 device=info.device, source="dashboard")
     with model_lock(shared):
-        report = metrics.analyze(shared.model, shared.tokenizer, texts, s2.capture, progress=progress, meta=meta)
+        if shared.layerwise:  # over the memory: the same report, one layer at a time
+            report = shared.loaded.analyze(texts, s2.capture, progress=progress, meta=meta)
+        else:
+            report = metrics.analyze(shared.model, shared.tokenizer, texts, s2.capture, progress=progress, meta=meta)
     report.save(path)
     bar.empty()
     return report

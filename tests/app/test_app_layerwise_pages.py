@@ -1,5 +1,6 @@
-"""AppTest: with a model over the memory budget (layer-by-layer mode), Prune's Apply, Evaluate's sweep, Export
-and Heal work (or, for Heal, say why not), against the in-memory numbers of the same model."""
+"""AppTest: with a model over the memory budget (layer-by-layer mode), Prune's Apply, Evaluate's sweep, Export,
+Redundancy's evidence (damage, calibration sets) and Heal work (or, for Heal, say why not), against the
+in-memory numbers of the same model."""
 
 from __future__ import annotations
 
@@ -123,3 +124,35 @@ def test_sublayer_parameters_from_the_skeleton(tiny_llama, in_memory):
     shared = SharedModel(LayerwiseModel(str(tiny_llama), dtype="float32"), threading.RLock(), ())
     want = sublayer_params(in_memory[0])
     assert shared.sublayer_params() == want and all(a > 0 and m > 0 for a, m in want)
+
+
+def test_redundancy_evidence_layer_by_layer(layerwise_app, in_memory):
+    """The Redundancy page's leave-one-out damage and calibration-set comparison run layer by layer, with
+    the in-memory damage numbers."""
+    import base64
+
+    import numpy as np
+
+    from layerlens.damage import leave_one_out
+    from layerlens.data import load_texts
+
+    model, tok = in_memory
+    app = layerwise_app("pages/2_redundancy.py")
+    app.run()
+    assert not app.exception and not app.error
+    before = len(app.get("plotly_chart"))
+    app.select_slider(key="rd_dmg_windows").set_value(2)
+    app.select_slider(key="rd_dmg_seq").set_value(64)
+    next(b for b in app.button if b.key == "rd_dmg_run").click().run()
+    assert not app.exception and not app.error, (app.exception, app.error)
+    figs = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    assert len(figs) == before + 2  # scatter + bars
+    bars = next(f for f in figs if f["data"][0]["type"] == "bar" and "removed alone" in json.dumps(f["layout"]))
+    y = bars["data"][0]["y"]
+    y = np.frombuffer(base64.b64decode(y["bdata"]), dtype=np.dtype(y["dtype"])) if isinstance(y, dict) else y
+    ref = leave_one_out(model, tok, load_texts("default", role="eval"), seq_len=64, max_windows=2)
+    assert np.allclose(np.asarray(y, dtype=float), [u.ppl for u in ref.of("layer")], rtol=1e-5)
+
+    next(b for b in app.button if b.key == "rd_cal_run").click().run()
+    assert not app.exception and not app.error, (app.exception, app.error)
+    assert len(app.get("plotly_chart")) == before + 3  # + the rank-difference heatmap

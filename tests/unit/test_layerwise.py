@@ -300,3 +300,24 @@ def test_evaluation_progress_counts_layer_runs_and_heads(tiny_llama, sample_text
     assert all(t == total for _, t, _ in calls) and done == sorted(done) and done[-1] == total
     assert total == pass_units(schedule) + lw.head_units() * len(plans)
     assert lw.head_units() >= 1 and sum(label.startswith("scoring") for _, _, label in calls) == len(plans)
+
+
+@pytest.mark.parametrize("sublayers", [False, True])
+def test_leave_one_out_layer_by_layer_equals_in_memory(tiny_model_factory, sample_texts, sublayers):
+    """Every removal (and with sublayers every attention/MLP drop) in one pass: the in-memory damage numbers."""
+    from layerlens.damage import leave_one_out
+    from layerlens.layerwise import leave_one_out as layerwise_leave_one_out
+
+    path = tiny_model_factory("qwen2")
+    lm = load_model(str(path), device="cpu", dtype="float32")
+    ref = leave_one_out(lm.model, lm.tokenizer, sample_texts, sublayers=sublayers, seq_len=32, max_windows=4)
+    lw = LayerwiseModel(str(path), device="cpu", dtype="float32")
+    got = layerwise_leave_one_out(lw, sample_texts, sublayers=sublayers, seq_len=32, max_windows=4)
+    assert got.baseline_ppl == pytest.approx(ref.baseline_ppl, rel=1e-6)
+    assert [u.unit for u in got.units] == [u.unit for u in ref.units]
+    for a, b in zip(got.units, ref.units, strict=True):
+        assert a.ppl == pytest.approx(b.ppl, rel=1e-5) and a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-7)
+        assert a.top1 == pytest.approx(b.top1)
+    assert got.task == ref.task  # the same windows
+    assert lw.stats.layers_loaded == lw.num_layers  # every layer read once for all the removals
+    assert got.stats.layer_passes < got.stats.layer_passes_from_scratch
