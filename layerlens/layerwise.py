@@ -630,7 +630,6 @@ class LayerwiseModel:
         layer over every batch for one distinct prefix: :func:`pass_units`), so its rate gives the time left;
         ``total_units`` makes room for the caller's later steps (:meth:`evaluate` adds the LM heads).
         """
-
         for plan in plans:
             _check_plan(plan, self.num_layers)
         preps = self._embed_all([(b.input_ids, b.attention_mask, b.position_ids) for b in batches])
