@@ -76,7 +76,8 @@ with st.container(border=True):
         name = safe_name(st.text_input("Folder name", value=default_name, key="ex_name"), default_name)
         target = exports / name
         st.caption(f"Saved on the server under `{target}` in plain transformers format "
-                   "(config.json, model.safetensors, tokenizer) plus `layerlens_plan.json`.")
+                   "(config.json, model.safetensors, tokenizer) plus `layerlens_plan.json`; the weights in the "
+                   "checkpoint's own dtype (a bf16 model stays bf16 even when analysed in float32).")
         if st.button("Save pruned model", type="primary", icon=":material/save:", key="ex_save_model"):
             with errors.guarded("saving the pruned model"), st.spinner("Saving…"):
                 _save(pruned["model"], p, target)
