@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import LayerLensError
 from .plans import PLAN_FILE, plan_summary
 from .runs import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 
@@ -96,13 +97,15 @@ def save_pruned(model: Any, tokenizer: Any, plan: Any, folder: str | Path, *, re
 def _cast_state(model: Any, dtype: str | None) -> tuple[dict[str, Any] | None, str | None]:
     """``(state dict with floating tensors in dtype, dtype name)``, or ``(None, the model's dtype)`` when the
     weights already are in it. New tensors: the model (maybe shared with other users) keeps its own."""
-    from .loading import DTYPES, dtype_name
+    import torch  # (not through .loading, which imports this module)
 
     params = getattr(model, "parameters", None)
     current = next((p.dtype for p in params() if p.is_floating_point()), None) if params is not None else None
-    if dtype is None or DTYPES[dtype] == current:
-        return None, dtype_name(current) if current is not None else dtype
-    target = DTYPES[dtype]
+    target = getattr(torch, dtype, None) if dtype is not None else None
+    if dtype is not None and not isinstance(target, torch.dtype):
+        raise LayerLensError(f"Unknown dtype '{dtype}' to save in; use float32, bfloat16 or float16.")
+    if target is None or target == current:
+        return None, str(current).removeprefix("torch.") if current is not None else dtype
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     return state, dtype
 
