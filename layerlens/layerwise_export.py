@@ -77,7 +77,11 @@ def _zeroed_prefixes(lw: LayerwiseModel, plan: Any) -> dict[int, list[str]]:
     return out
 
 
-_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_NAMES = {t: name for name, t in _TORCH_DTYPES.items()}  # torch dtype -> safetensors' name
+
+
+def _is_float(st_name: str) -> bool:
+    return _TORCH_DTYPES.get(st_name, torch.int8).is_floating_point
 
 
 def output_tensors(lw: LayerwiseModel, plan: Any, dtype: str | None = None) -> list[tuple[str, dict[str, Any], Any]]:
@@ -93,7 +97,7 @@ def output_tensors(lw: LayerwiseModel, plan: Any, dtype: str | None = None) -> l
     name = _ST_NAMES[DTYPES[dtype]]
     out = []
     for key, info, source in items:
-        if info["dtype"] in ("F32", "BF16", "F16", "F64") and info["dtype"] != name:
+        if _is_float(info["dtype"]) and info["dtype"] != name:
             info = dict(info, dtype=name)
             source = ("cast", source) if isinstance(source, str) else source  # merged / zeros: made in it
         out.append((key, info, source))
@@ -165,11 +169,10 @@ def _stored_dtype(lw: LayerwiseModel) -> str | None:
     """The dtype most of the checkpoint's floating tensors are stored in, by name (None: no float tensor)."""
     from collections import Counter
 
-    names = {v: k for k, v in _ST_NAMES.items()}
-    counts = Counter(info["dtype"] for info in lw.checkpoint.meta.values() if info["dtype"] in names)
+    counts = Counter(info["dtype"] for info in lw.checkpoint.meta.values() if _is_float(info["dtype"]))
     if not counts:
         return None
-    return str(names[counts.most_common(1)[0][0]]).removeprefix("torch.")
+    return str(_TORCH_DTYPES[counts.most_common(1)[0][0]]).removeprefix("torch.")
 
 
 def _write_zeros(f: Any, size: int, chunk: int = 64 << 20) -> None:
