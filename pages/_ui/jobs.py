@@ -111,12 +111,8 @@ class AnalysisJob:
                     report = _saved_report(path)
                     self.final = f"Loaded the analysis another session just saved ({report.num_layers} layers)"
                 else:
-                    if shared.layerwise:  # weights over the memory here: one layer at a time, same report
-                        report = shared.loaded.analyze(self.texts, config, progress=progress,
-                                                       should_stop=self.cancel.is_set, meta=meta)
-                    else:
-                        report = metrics.analyze(shared.model, shared.tokenizer, self.texts, config,
-                                                 progress=progress, should_stop=self.cancel.is_set, meta=meta)
+                    report = shared.analyze(self.texts, config, progress=progress, should_stop=self.cancel.is_set,
+                                            meta=meta)
                     report.save(path)
                     self.final = f"Analyzed {report.num_layers} layers in {time.perf_counter() - t1:.1f} s"
             finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 import streamlit as st
 
-from layerlens import compare, surgery
+from layerlens import compare, metrics, surgery
 from layerlens.adapters import decoder_layers, layer_sublayer_params, sublayer_params
 from layerlens.dashboard.paths import check_model_spec, check_upload, confine_path
 from layerlens.dashboard.settings import AnalysisSettings
@@ -49,10 +49,16 @@ class SharedModel:
     @property
     def model(self) -> Any:
         if self.layerwise:
-            raise LayerLensError("This model is larger than the memory here, so it runs layer by layer (analysis "
-                                 "only in the dashboard); use the CLI's `layerwise` mode for evaluation, sweeps "
-                                 "and export, or a smaller model or `dtype=bfloat16`.")
+            raise LayerLensError("This model is larger than the memory here, so it runs layer by layer, and this "
+                                 "step needs it whole in memory; use a smaller model or `dtype=bfloat16`.")
         return self.loaded.model
+
+    def analyze(self, texts: Any, config: Any, **kwargs: Any) -> Any:
+        """The redundancy report, in memory or layer by layer (the same numbers); ``kwargs`` as
+        :func:`layerlens.metrics.analyze` (progress, should_stop, meta). The caller holds :attr:`lock`."""
+        if self.layerwise:
+            return self.loaded.analyze(texts, config, **kwargs)
+        return metrics.analyze(self.loaded.model, self.loaded.tokenizer, texts, config, **kwargs)
 
     def sublayer_params(self) -> tuple[tuple[int, int], ...]:
         """Per decoder layer: (attention, MLP) parameters; layer by layer, counted on the empty skeleton."""

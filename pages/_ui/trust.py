@@ -15,7 +15,6 @@ from typing import Any
 
 import streamlit as st
 
-from layerlens import metrics
 from layerlens.calibration_compare import compare_reports
 from layerlens.damage import (
     METRIC_LABELS,
@@ -158,10 +157,7 @@ def _report_on(settings: Any, data: str) -> LayerReport:
     meta = dict(model=info.model, revision=info.revision, model_type=info.model_type, dtype=info.dtype,
                 device=info.device, source="dashboard")
     with model_lock(shared):
-        if shared.layerwise:  # over the memory: the same report, one layer at a time
-            report = shared.loaded.analyze(texts, s2.capture, progress=progress, meta=meta)
-        else:
-            report = metrics.analyze(shared.model, shared.tokenizer, texts, s2.capture, progress=progress, meta=meta)
+        report = shared.analyze(texts, s2.capture, progress=progress, meta=meta)  # layer by layer when over memory
     report.save(path)
     bar.empty()
     return report
