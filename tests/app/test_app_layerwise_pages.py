@@ -129,9 +129,8 @@ def test_sublayer_parameters_from_the_skeleton(tiny_llama, in_memory):
 def test_redundancy_evidence_layer_by_layer(layerwise_app, in_memory):
     """The Redundancy page's leave-one-out damage and calibration-set comparison run layer by layer, with
     the in-memory damage numbers."""
-    import base64
-
     import numpy as np
+    from plotly_json import array, figures
 
     from layerlens.damage import leave_one_out
     from layerlens.data import load_texts
@@ -145,13 +144,11 @@ def test_redundancy_evidence_layer_by_layer(layerwise_app, in_memory):
     app.select_slider(key="rd_dmg_seq").set_value(64)
     next(b for b in app.button if b.key == "rd_dmg_run").click().run()
     assert not app.exception and not app.error, (app.exception, app.error)
-    figs = [json.loads(c.proto.spec) for c in app.get("plotly_chart")]
+    figs = figures(app)
     assert len(figs) == before + 2  # scatter + bars
     bars = next(f for f in figs if f["data"][0]["type"] == "bar" and "removed alone" in json.dumps(f["layout"]))
-    y = bars["data"][0]["y"]
-    y = np.frombuffer(base64.b64decode(y["bdata"]), dtype=np.dtype(y["dtype"])) if isinstance(y, dict) else y
     ref = leave_one_out(model, tok, load_texts("default", role="eval"), seq_len=64, max_windows=2)
-    assert np.allclose(np.asarray(y, dtype=float), [u.ppl for u in ref.of("layer")], rtol=1e-5)
+    assert np.allclose(array(bars["data"][0]["y"]).astype(float), [u.ppl for u in ref.of("layer")], rtol=1e-5)
 
     next(b for b in app.button if b.key == "rd_cal_run").click().run()
     assert not app.exception and not app.error, (app.exception, app.error)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 
 import numpy as np
 import pytest
+from plotly_json import array, figures
 
 
 @pytest.fixture
@@ -15,31 +14,18 @@ def app(open_app):
     return open_app("pages/2_redundancy.py")
 
 
-def _figs(at) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-
-
-def _array(v) -> np.ndarray:
-    """A plotly JSON array: a plain list, or plotly 6+'s typed array {dtype, bdata, shape}."""
-    if isinstance(v, dict) and "bdata" in v:
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
-        shape = [int(x) for x in str(v.get("shape", len(a))).split(",")]
-        return a.reshape(shape)
-    return np.asarray(v)
-
-
 def test_opens_with_bars_and_heatmaps_of_shape_layers_plus_one(app):
     app.run()
     assert not app.exception and not app.error
-    figs = _figs(app)
+    figs = figures(app)
     assert len(figs) == 5  # BI bars, sublayer BI bars, rank stability, cosine, CKA
     bar, sub, stab, cos, cka = figs
     assert [t["name"] for t in sub["data"]] == ["whole layer", "attention", "MLP"]
     assert "error_y" in bar["data"][0] and "error_y" in sub["data"][1]  # bootstrap intervals
-    assert len(_array(stab["data"][0]["y"])) == 6
-    assert bar["data"][0]["type"] == "bar" and len(_array(bar["data"][0]["x"])) == 6
+    assert len(array(stab["data"][0]["y"])) == 6
+    assert bar["data"][0]["type"] == "bar" and len(array(bar["data"][0]["x"])) == 6
     for heat in (cos, cka):
-        z = _array(heat["data"][0]["z"])
+        z = array(heat["data"][0]["z"])
         assert heat["data"][0]["type"] == "heatmap"
         assert z.shape == (7, 7)  # layers + 1 states
         assert np.allclose(np.diag(z), 1.0, atol=1e-4)
@@ -62,7 +48,7 @@ def test_threshold_slider_outlines_runs_without_recomputing(app, monkeypatch):
         app.slider(key="rd_threshold").set_value(value).run()
         timings.append(time.perf_counter() - t)
         assert not app.exception and not app.error
-    shapes_low = _figs(app)[3]["layout"].get("shapes", [])  # after BI, sublayer BI, rank stability
+    shapes_low = figures(app)[3]["layout"].get("shapes", [])  # after BI, sublayer BI, rank stability
     assert shapes_low, "a low threshold outlines at least one run"
     assert all(s["line"]["color"] == "red" for s in shapes_low)
     assert any("runs ≥ 0.50" in c.value for c in app.caption)
@@ -75,13 +61,13 @@ def test_metric_switch_and_block_size(app):
     app.radio(key="rd_metric").set_value("block_distance").run()
     assert not app.exception
     app.slider(key="rd_block").set_value(3).run()
-    bar = _figs(app)[0]
-    assert len(_array(bar["data"][0]["x"])) == 4  # 6 layers, blocks of 3
+    bar = figures(app)[0]
+    assert len(array(bar["data"][0]["x"])) == 4  # 6 layers, blocks of 3
     assert "3-layer block" in bar["layout"]["xaxis"]["title"]["text"]
     app.radio(key="rd_metric").set_value("magnitude").run()
-    assert "Magnitude" in _figs(app)[0]["layout"]["title"]["text"]
+    assert "Magnitude" in figures(app)[0]["layout"]["title"]["text"]
     app.multiselect(key="rd_kinds").set_value(["cka"]).run()
-    assert len(_figs(app)) == 4  # bars, sublayer bars, rank stability, CKA
+    assert len(figures(app)) == 4  # bars, sublayer bars, rank stability, CKA
 
 
 def _patched_analysis(monkeypatch, edit):

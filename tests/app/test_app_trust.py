@@ -3,25 +3,13 @@ Summary's best predictor."""
 
 from __future__ import annotations
 
-import base64
 import json
 
 import numpy as np
 import pytest
 from conftest import APP
+from plotly_json import array, figures
 from streamlit.testing.v1 import AppTest
-
-
-def _figs(at) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-
-
-def _array(v) -> np.ndarray:
-    if isinstance(v, dict) and "bdata" in v:
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
-        shape = [int(x) for x in str(v.get("shape", len(a))).split(",")]
-        return a.reshape(shape)
-    return np.asarray(v)
 
 
 def _button(at, key):
@@ -41,12 +29,12 @@ def test_damage_button_measures_shows_table_scatter_and_summary_names_the_best_p
     at.select_slider(key="rd_dmg_seq").set_value(64)
     _button(at, "rd_dmg_run").click().run()
     assert not at.exception and not at.error
-    figs = _figs(at)
+    figs = figures(at)
     assert len(figs) == before + 2  # scatter + bars
     scatter = next(f for f in figs if f["data"][0]["type"] == "scatter")
     lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
     ref = leave_one_out(lm.model, lm.tokenizer, load_texts("default", role="eval"), seq_len=64, max_windows=2)
-    assert _array(scatter["data"][0]["y"]) == pytest.approx(ref.increase("layer"), rel=1e-4, abs=1e-6)
+    assert array(scatter["data"][0]["y"]) == pytest.approx(ref.increase("layer"), rel=1e-4, abs=1e-6)
     assert any("Best predictor" in s.value for s in at.success)
     table = at.dataframe[0].value
     assert {"Block Influence", "CKA to next layer"} <= set(table["metric"])
@@ -65,10 +53,10 @@ def test_calibration_sets_side_by_side(open_app):
     before = len(at.get("plotly_chart"))
     _button(at, "rd_cal_run").click().run()
     assert not at.exception and not at.error
-    figs = _figs(at)
+    figs = figures(at)
     assert len(figs) == before + 1
     heat = figs[-1]
-    z = _array(heat["data"][0]["z"])
+    z = array(heat["data"][0]["z"])
     assert z.shape == (2, 6) and np.allclose(z.sum(axis=0), 0.0)  # rank minus the mean rank
     ranks, tau = at.dataframe[-2].value, at.dataframe[-1].value
     assert len(ranks) == 6 and len(tau) == 1
