@@ -150,8 +150,10 @@ if report is not None and info is not None:
     m2.metric("Decoder layers", info["num_layers"])
     m3.metric("Parameters", humanize.params(info["num_parameters"]))
     mb = info["num_parameters"] * bytes_per / 2**20
-    m4.metric("Weights in memory", f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.2f} MB")
-    m5.metric("Device · dtype", f"{info['device']} · {info['dtype']}")
+    # the dtype as the weights' delta line: "cpu · float32" in one fifth of the page was cut to "cpu · floa…"
+    m4.metric("Weights in memory", f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.2f} MB", delta=info["dtype"],
+              delta_color="off", delta_arrow="off")
+    m5.metric("Device", info["device"])
     st.caption(f"Model `{info['model']}` ({info['source_path']}) · hidden size {info['hidden_size']} · "
                f"max positions {info['max_positions']}")
     st.caption("Analysis: " + widgets.report_caption(report) + f" · {report.meta.get('seconds', '?')} s")
